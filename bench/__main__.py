@@ -1,0 +1,31 @@
+"""``python -m bench [cpu|realtime|musetalk|all]``: the project's benchmarks, each printing a table."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+BENCHES = {
+    "cpu": ("bench.cpu_engine_bench", "CPU engine frames/s at 512x512 and 1280x720"),
+    "realtime": ("bench.realtime_bench", "latency, interrupt, A/V offset and session capacity at a WebRTC client"),
+    "musetalk": ("bench.musetalk_bench", "MuseTalk frames/s by batch, ms per stage, TFLOP/s (GPU when present)"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING)
+    name = argv.pop(0) if argv and not argv[0].startswith("-") else "all"
+    if name in ("-h", "--help") or (name not in BENCHES and name != "all"):
+        print("usage: python -m bench [" + "|".join([*BENCHES, "all"]) + "] [options]")
+        for key, (_mod, what) in BENCHES.items():
+            print(f"  {key:9s} {what}")
+        sys.exit(0 if name in ("-h", "--help") else 2)
+    names = ["cpu", "realtime"] if name == "all" else [name]
+    for key in names:
+        importlib.import_module(BENCHES[key][0]).main(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The neural networks behind the MuseTalk engine and their weight files.
+
+* ``weights``  - file layout, what each version needs, the start-up check (no torch)
+* ``download`` - ``python -m models download``: resumable, verified fetches
+* ``unet``, ``vae``, ``whisper_features``, ``positional``, ``face_parsing`` - the models,
+  loaded from the real checkpoint formats (torch imported there, not here)
+"""
+from __future__ import annotations
+
+from .weights import (
+    DEFAULT_VERSION,
+    VERSIONS,
+    MissingWeights,
+    WeightProblem,
+    WeightSpec,
+    check_weights,
+    download_command,
+    models_dir,
+    require_weights,
+)
+
+__all__ = [
+    "DEFAULT_VERSION",
+    "VERSIONS",
+    "MissingWeights",
+    "WeightProblem",
+    "WeightSpec",
+    "check_weights",
+    "download_command",
+    "models_dir",
+    "require_weights",
+]

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Real-Time Lip Sync: set up and run.
+#
+#   ./run.sh              set up (virtual environment + install), then serve on :8010
+#                         with the default avatar and the CPU engine
+#   ./run.sh test [ARGS]  set up with the test extras, then run the whole test suite
+#   ./run.sh bench [...]  set up, then run the benchmarks (python -m bench ...)
+#
+# Idempotent: the environment is (re)installed only when pyproject.toml changes.
+# Settings: LIPSYNC_VENV (default .venv), PYTHON (default python3), and any server
+# flag after the command, e.g. ./run.sh serve --port 9000.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV="${LIPSYNC_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+MODE="${1:-serve}"
+[ $# -gt 0 ] && shift
+
+log() { printf '[run.sh] %s\n' "$*" >&2; }
+
+"$PYTHON" - <<'PY' || { log "Python 3.10 or newer is needed (set PYTHON=/path/to/python3.x)"; exit 1; }
+import sys
+sys.exit(0 if sys.version_info >= (3, 10) else 1)
+PY
+
+if [ ! -x "$VENV/bin/python" ]; then
+    log "creating virtual environment $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+
+install() {  # install() EXTRAS: only when pyproject.toml or the extras changed
+    local extras="$1" stamp="$VENV/.lipsync-installed"
+    local want
+    want="$(sha256sum pyproject.toml | cut -c1-16)-$extras"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        return
+    fi
+    log "installing (extras: ${extras:-none})"
+    "$PY" -m pip install -q --upgrade pip
+    if [ -n "$extras" ] && [[ "$extras" == *musetalk* ]] && ! "$PY" -c "import torch" 2>/dev/null; then
+        # Pinned so a CPU machine takes the local CPU build instead of pulling CUDA packages;
+        # GPU users install their CUDA torch first and this step is skipped.
+        "$PY" -m pip install -q "torch==2.13.0"
+    fi
+    if [ -n "$extras" ]; then
+        "$PY" -m pip install -q -e ".[$extras]"
+    else
+        "$PY" -m pip install -q -e .
+    fi
+    echo "$want" > "$stamp"
+}
+
+browser() {  # Debian's Chromium for the browser test (Playwright cannot download its own here)
+    if [ -x /usr/bin/chromium ]; then return; fi
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        log "installing Debian's chromium for the browser test"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+            || log "could not install chromium; the browser test will be skipped"
+    else
+        log "no /usr/bin/chromium (install Debian's 'chromium' package); the browser test will be skipped"
+    fi
+}
+
+case "$MODE" in
+    serve)
+        install ""
+        exec "$PY" -m server --port "${LIPSYNC_PORT:-8010}" --avatar default --engine cpu "$@"
+        ;;
+    test)
+        install "musetalk,dev"
+        browser
+        exec "$PY" -m pytest "$@"
+        ;;
+    bench)
+        install "musetalk,dev"
+        exec "$PY" -m bench "$@"
+        ;;
+    *)
+        log "unknown command '$MODE': use './run.sh', './run.sh test' or './run.sh bench'"
+        exit 2
+        ;;
+esac

@@ -1,0 +1,56 @@
+"""``python -m server``: start the real-time lip-sync server."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from pipeline.engines import engine_names
+from server.app import create_app
+from server.config import ServerConfig
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="python -m server", description="Real-time lip-sync avatar server (WebRTC).")
+    p.add_argument("--host", default=env("LIPSYNC_HOST", "0.0.0.0"))
+    p.add_argument("--port", type=int, default=int(env("LIPSYNC_PORT", "8010")))
+    p.add_argument("--data-dir", type=Path, default=Path(env("LIPSYNC_DATA_DIR", "data")), help="avatars, weights and recordings (env LIPSYNC_DATA_DIR)")
+    p.add_argument("--avatar", default=env("LIPSYNC_AVATAR", "default"), help="avatar a session gets unless /offer names one")
+    p.add_argument("--engine", default=env("LIPSYNC_ENGINE", "cpu"), help=f"lip-sync engine: {', '.join(engine_names())} ('auto' takes MuseTalk where a GPU and its weights are present) or package.module:Class")
+    p.add_argument("--musetalk-version", default=env("LIPSYNC_MUSETALK_VERSION", "v15"), choices=["v15", "v1"])
+    p.add_argument("--tts", default=env("LIPSYNC_TTS", "espeak"), help="TTS backend: espeak (offline) or edge")
+    p.add_argument("--voice", default=env("LIPSYNC_VOICE"), help="TTS voice (espeak: en-us, de, fr...; edge: en-US-AriaNeural...)")
+    p.add_argument("--max-sessions", type=int, default=int(env("LIPSYNC_MAX_SESSIONS", "8")))
+    p.add_argument("--log-level", default=env("LIPSYNC_LOG_LEVEL", "INFO"))
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine_options = {"version": a.musetalk_version} if a.engine in ("musetalk", "auto") else {}
+    tts_options = {"voice": a.voice} if a.voice else {}
+    return ServerConfig(
+        host=a.host, port=a.port, data_dir=a.data_dir.resolve(), avatar=a.avatar, engine=a.engine,
+        engine_options=engine_options, tts=a.tts, tts_options=tts_options, max_sessions=a.max_sessions,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    try:
+        import uvloop
+    except ImportError:  # Windows: the default loop works, only slower
+        logging.getLogger(__name__).info("uvloop not installed; using the default asyncio loop")
+    else:
+        uvloop.install()
+    try:
+        web.run_app(create_app(config), host=config.host, port=config.port, print=None)
+    except KeyboardInterrupt:
+        pass
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Builds the aiohttp application: routes, static pages, and the lifetimes of the worker,
+the TTS backend and the sessions."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from avatars.avatar import load_avatar
+from pipeline.client import WorkerClient
+from pipeline.worker import WorkerConfig
+from server.config import ServerConfig
+from server.errors import error_middleware
+from server.digital_human import routes as digital_human_routes
+from server.routes import routes
+from server.sessions import SessionManager
+from server.state import AppState
+from tts.registry import create_tts
+
+log = logging.getLogger(__name__)
+
+
+async def _prepare_default_avatar(config: ServerConfig) -> None:
+    if config.avatar != "default":
+        load_avatar(config.data_dir, config.avatar)  # fail at start-up, not at the first /offer
+        return
+    from avatars.default import ensure_default_avatar
+
+    await asyncio.get_running_loop().run_in_executor(None, ensure_default_avatar, config.data_dir)
+
+
+def create_app(config: ServerConfig) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_upload_bytes)
+    app.add_routes(routes)
+    app.add_routes(digital_human_routes)
+
+    async def index(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound("/webrtcapi.html")
+
+    app.router.add_get("/", index)
+    if config.web_dir.is_dir():
+        app.router.add_static("/", config.web_dir, show_index=False)
+
+    async def startup(app: web.Application) -> None:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        await _prepare_default_avatar(config)
+        tts = create_tts(config.tts, **config.tts_options)
+        sessions = SessionManager(config, tts)
+        worker = WorkerClient(
+            WorkerConfig(
+                engine=config.engine,
+                data_dir=str(config.data_dir),
+                engine_options=config.engine_options,
+                log_level=logging.getLogger().level,
+            ),
+            on_message=sessions.on_worker_message,
+            on_restart=sessions.on_worker_restart,
+            start_timeout=config.worker_start_timeout_s,
+        )
+        sessions.attach_worker(worker)
+        await worker.start()
+        app["state"] = AppState(config=config, tts=tts, sessions=sessions, worker=worker)
+        log.info("serving on http://%s:%d/webrtcapi.html (engine %s, tts %s, avatar %s)",
+                 config.host, config.port, worker.ready_info.engine if worker.ready_info else "?", config.tts, config.avatar)
+
+    async def cleanup(app: web.Application) -> None:
+        state: AppState | None = app.get("state")
+        if state is None:
+            return
+        await state.sessions.close_all()
+        await state.worker.stop()
+        await state.tts.close()
+
+    app.on_startup.append(startup)
+    app.on_cleanup.append(cleanup)
+    return app

@@ -1,0 +1,47 @@
+"""Uploaded audio (wav, mp3, ogg, m4a, ...) to 16 kHz mono int16 with PyAV (no ffmpeg binary needed)."""
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+
+from pipeline.messages import SAMPLE_RATE
+
+
+class AudioDecodeError(ValueError):
+    pass
+
+
+def decode_audio(data: bytes, max_seconds: float = 600.0) -> np.ndarray:
+    """All of ``data``'s first audio stream as int16 mono at 16 kHz."""
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise AudioDecodeError(f"not a readable audio file: {exc}") from None
+    with container:
+        streams = container.streams.audio
+        if not streams:
+            raise AudioDecodeError("the file has no audio stream")
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+        chunks: list[np.ndarray] = []
+        total = 0
+        limit = int(max_seconds * SAMPLE_RATE)
+        try:
+            for frame in container.decode(streams[0]):
+                for out in resampler.resample(frame):
+                    chunk = out.to_ndarray().reshape(-1)
+                    chunks.append(chunk)
+                    total += chunk.size
+                if total > limit:
+                    raise AudioDecodeError(f"the audio is longer than {max_seconds:.0f} s")
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+        except av.error.FFmpegError as exc:
+            raise AudioDecodeError(f"the audio could not be decoded: {exc}") from None
+    if not chunks:
+        raise AudioDecodeError("the file contains no audio samples")
+    pcm = np.concatenate(chunks).astype(np.int16, copy=False)
+    if pcm.size == 0:
+        raise AudioDecodeError("the file contains no audio samples")
+    return pcm

@@ -1,0 +1,210 @@
+"""Per-session media: one clock, one frame sequence, two aiortc tracks reading it.
+
+Frame ``n`` of a session (40 ms) is decided once, by whichever track asks first: the
+next speaking frame from the worker if one is ready, otherwise the avatar's idle frame.
+Its picture goes to the video track and its exact 40 ms of audio, in two 20 ms halves,
+to the audio track. Both tracks wait for the same deadlines (t0 + n x 40 ms), so audio
+and video cannot drift apart, and both number their frames from the same origin so a
+receiver can line them up by timestamp.
+"""
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from avatars.avatar import Avatar
+from pipeline.frame_ring import FrameRing
+from pipeline.messages import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, FrameReady
+
+log = logging.getLogger(__name__)
+
+FRAME_S = 1.0 / FPS
+AUDIO_FRAME_S = 0.02
+AUDIO_SAMPLES = int(SAMPLE_RATE * AUDIO_FRAME_S)  # 320 at 16 kHz; aiortc resamples to 48 kHz for Opus
+VIDEO_CLOCK = 90_000
+MAX_LATE_S = 0.08  # a video track this late skips ahead rather than fall further behind
+KEEP_FRAMES = 50  # decided frames kept for the slower track
+SILENCE = np.zeros(SAMPLES_PER_FRAME, np.int16)
+
+
+@dataclass(frozen=True)
+class MediaFrame:
+    index: int
+    image: np.ndarray  # (H, W, 3) uint8 RGB; idle frames are views of the avatar's memory map
+    audio: np.ndarray  # (640,) int16 at 16 kHz
+    utterance_id: str | None  # None while idle
+
+
+class SessionPlayer:
+    """Decides each frame of a session and paces both tracks.
+
+    ``on_event(kind, utterance_id)`` is called with ``"started"`` when an utterance's
+    first frame is shown and ``"ended"`` after its last; ``on_frame(frame)`` sees every
+    decided frame (the recorder hooks in here).
+    """
+
+    def __init__(
+        self,
+        avatar: Avatar,
+        ring: FrameRing,
+        on_event: Callable[[str, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.avatar = avatar
+        self.ring = ring
+        self.generation = 0
+        self.cursor = 0
+        self.on_event = on_event or (lambda kind, utt: None)
+        self.on_frame: Callable[[MediaFrame], None] | None = None
+        self._clock = clock
+        self._t0: float | None = None
+        self._pending: deque[FrameReady] = deque()
+        self._frames: dict[int, MediaFrame] = {}
+        self._decided = -1
+        self._speaking: str | None = None
+        self.video_frames_skipped = 0
+        self.closed = False
+
+    # ---- clock ----
+    def start_clock(self) -> float:
+        if self._t0 is None:
+            self._t0 = self._clock()
+        return self._t0
+
+    def due(self, seconds: float) -> float:
+        return self.start_clock() + seconds
+
+    async def wait_until(self, seconds: float) -> None:
+        delay = self.due(seconds) - self._clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def current_index(self) -> int:
+        """The frame being shown now (by the clock)."""
+        if self._t0 is None:
+            return 0
+        return max(0, int((self._clock() - self._t0) / FRAME_S))
+
+    # ---- frames from the worker ----
+    def push(self, msg: FrameReady) -> None:
+        if self.closed or msg.generation < self.generation:
+            self._release(msg.slot)  # rendered before an interrupt: never shown
+            return
+        self._pending.append(msg)
+
+    def interrupt(self, generation: int) -> list[str]:
+        """Drop every frame not yet shown; returns the utterances that were cut off."""
+        self.generation = max(self.generation, generation)
+        cut = {m.utterance_id for m in self._pending}
+        while self._pending:
+            self._release(self._pending.popleft().slot)
+        if self._speaking is not None:
+            cut.add(self._speaking)
+            self._speaking = None
+        return sorted(cut)
+
+    def pending_frames(self) -> int:
+        return len(self._pending)
+
+    def _release(self, slot: int) -> None:
+        if not self.closed:
+            self.ring.release(slot)
+
+    # ---- deciding frames ----
+    def frame(self, n: int) -> MediaFrame:
+        """Frame ``n``, deciding every frame up to it in order."""
+        while self._decided < n:
+            self._decided += 1
+            f = self._decide(self._decided)
+            self._frames[f.index] = f
+            if self.on_frame is not None:
+                self.on_frame(f)
+        for old in [k for k in self._frames if k < self._decided - KEEP_FRAMES]:
+            del self._frames[old]
+        found = self._frames.get(n)
+        if found is None:  # asked for a frame older than we keep: show the oldest kept
+            found = self._frames[min(self._frames)]
+        return found
+
+    def _decide(self, n: int) -> MediaFrame:
+        if self._pending and not self.closed:
+            msg = self._pending.popleft()
+            image = self.ring.view(msg.slot).copy()
+            self.ring.release(msg.slot)
+            self.cursor = msg.cursor + 1
+            if msg.utterance_id != self._speaking:
+                if self._speaking is not None:
+                    self.on_event("ended", self._speaking)
+                self._speaking = msg.utterance_id
+                self.on_event("started", msg.utterance_id)
+            if msg.last:
+                self._speaking = None
+                self.on_event("ended", msg.utterance_id)
+            return MediaFrame(n, image, np.frombuffer(msg.audio, np.int16), msg.utterance_id)
+        image = self.avatar.frames[self.avatar.idle_index(self.cursor)]
+        self.cursor += 1
+        return MediaFrame(n, image, SILENCE, None)
+
+    def close(self) -> None:
+        self.closed = True
+        self._pending.clear()
+
+
+class AvatarVideoTrack(MediaStreamTrack):
+    kind = "video"
+
+    def __init__(self, player: SessionPlayer) -> None:
+        super().__init__()
+        self.player = player
+        self._n = 0
+        self._time_base = fractions.Fraction(1, VIDEO_CLOCK)
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live" or self.player.closed:
+            raise MediaStreamError
+        n = self._n
+        await self.player.wait_until(n * FRAME_S)
+        late = self.player.current_index() - n
+        if late * FRAME_S > MAX_LATE_S:
+            # The encoder fell behind: skip to now instead of piling up latency. The
+            # audio track still gets every frame's sound.
+            self.player.video_frames_skipped += late
+            n += late
+        self._n = n + 1
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(self.player.frame(n).image), format="rgb24")
+        frame.pts = n * (VIDEO_CLOCK // FPS)
+        frame.time_base = self._time_base
+        return frame
+
+
+class AvatarAudioTrack(MediaStreamTrack):
+    kind = "audio"
+
+    def __init__(self, player: SessionPlayer) -> None:
+        super().__init__()
+        self.player = player
+        self._m = 0
+        self._time_base = fractions.Fraction(1, SAMPLE_RATE)
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live" or self.player.closed:
+            raise MediaStreamError
+        m = self._m
+        self._m += 1
+        await self.player.wait_until(m * AUDIO_FRAME_S)
+        half = m % 2
+        pcm = self.player.frame(m // 2).audio[half * AUDIO_SAMPLES : (half + 1) * AUDIO_SAMPLES]
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = SAMPLE_RATE
+        frame.pts = m * AUDIO_SAMPLES
+        frame.time_base = self._time_base
+        return frame

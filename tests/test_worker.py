@@ -1,0 +1,115 @@
+"""The worker loop in-process: batching across sessions, backpressure, interrupt, audio coverage."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from avatars.default import ensure_default_avatar
+from pipeline.engines import create_engine
+from pipeline.frame_ring import FrameRing
+from pipeline.messages import SAMPLES_PER_FRAME, AudioChunk, FrameReady, Interrupt, OpenSession, SessionOpened
+from pipeline.worker import WorkerLoop
+
+
+@pytest.fixture(scope="module")
+def engine(data_dir: Path):
+    ensure_default_avatar(data_dir)
+    return create_engine("cpu", data_dir)
+
+
+@pytest.fixture
+def loop(engine, data_dir: Path):
+    outbox: list = []
+    worker = WorkerLoop(engine, data_dir, outbox, max_batch=8)
+    rings: list[FrameRing] = []
+
+    def open_session(sid: str, slots: int = 8) -> FrameRing:
+        avatar = worker._avatar("default")
+        ring = FrameRing.create(slots, avatar.frame_shape)
+        rings.append(ring)
+        worker.handle(OpenSession(sid, "default", ring.name, slots, avatar.frame_shape))
+        assert isinstance(outbox[-1], SessionOpened) and outbox[-1].ok
+        return ring
+
+    worker.open_session = open_session  # type: ignore[attr-defined]
+    yield worker, outbox
+    worker.close()
+    for ring in rings:
+        ring.close()
+
+
+def speech(seconds: float, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(16000 * seconds)) / 16000
+    pcm = 0.3 * np.sin(2 * np.pi * 200 * t) * (np.sin(2 * np.pi * 4 * t) > 0) + 0.01 * rng.standard_normal(t.size)
+    return (pcm * 32767).astype(np.int16).tobytes()
+
+
+def frames(outbox: list, sid: str | None = None) -> list[FrameReady]:
+    return [m for m in outbox if isinstance(m, FrameReady) and (sid is None or m.session_id == sid)]
+
+
+def test_one_batch_holds_frames_of_every_speaking_session(loop) -> None:
+    worker, outbox = loop
+    worker.open_session("a")
+    worker.open_session("b")
+    worker.handle(AudioChunk("a", 0, "a1", speech(0.4), final=True))
+    worker.handle(AudioChunk("b", 0, "b1", speech(0.4, 1), final=True))
+    n = worker.render_batch()
+    assert n == 8
+    assert {f.session_id for f in frames(outbox)} == {"a", "b"}
+
+
+def test_full_ring_stops_rendering_until_a_slot_is_released(loop) -> None:
+    worker, outbox = loop
+    ring = worker.open_session("a", slots=3)
+    worker.handle(AudioChunk("a", 0, "u", speech(1.0), final=True))
+    while worker.render_batch():
+        pass
+    sent = frames(outbox)
+    assert len(sent) == 3  # the ring never grows
+    ring.release(sent[0].slot)
+    assert worker.render_batch() == 1
+
+
+def test_every_sample_is_carried_by_exactly_one_frame_and_the_tail_is_padded(loop) -> None:
+    worker, outbox = loop
+    ring = worker.open_session("a", slots=32)
+    pcm = speech(0.5)[: 2 * (SAMPLES_PER_FRAME * 12 + 100)]  # 12 frames and 100 samples
+    worker.handle(AudioChunk("a", 0, "u", pcm[:3000], start_cursor=7))
+    worker.handle(AudioChunk("a", 0, "u", pcm[3000:], final=True))
+    while worker.render_batch():
+        pass
+    sent = frames(outbox)
+    assert [f.seq for f in sent] == list(range(13))
+    assert sent[-1].last and not any(f.last for f in sent[:-1])
+    audio = b"".join(f.audio for f in sent)
+    assert audio[: len(pcm)] == pcm and set(audio[len(pcm):]) == {0}
+    avatar = worker.avatars["default"]
+    assert [f.avatar_index for f in sent] == [avatar.idle_index(7 + k) for k in range(13)]
+    assert [f.cursor for f in sent] == [7 + k for k in range(13)]
+    assert ring.free_count() == 32 - 13
+
+
+def test_interrupt_drops_everything_queued_and_stale_audio(loop) -> None:
+    worker, outbox = loop
+    worker.open_session("a", slots=4)
+    worker.handle(AudioChunk("a", 0, "u", speech(2.0)))
+    worker.render_batch()
+    before = len(frames(outbox))
+    worker.handle(Interrupt("a", 1))
+    worker.handle(AudioChunk("a", 0, "u", speech(1.0), final=True))  # late chunk from before the interrupt
+    assert worker.render_batch() == 0
+    assert len(frames(outbox)) == before
+    worker.handle(AudioChunk("a", 1, "v", speech(0.2), final=True))
+    # the ring is still full of frames from before the interrupt, which the server releases
+    assert not worker.sessions["a"].utterances[0].done
+
+
+def test_session_with_no_speech_costs_no_rendering(loop) -> None:
+    worker, outbox = loop
+    worker.open_session("idle")
+    assert worker.render_batch() == 0
+    assert worker.frames_rendered == 0
