@@ -10,8 +10,12 @@ page cache):
 """
 from __future__ import annotations
 
+import errno
 import json
 import re
+import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,24 +103,29 @@ def save_avatar(
     if landmarks.shape[0] != frames.shape[0] or landmarks.shape[-1] != 2:
         raise ValueError(f"landmarks must be (N, K, 2) with N={frames.shape[0]}, got {landmarks.shape}")
     final = avatar_dir(data_dir, name)
-    tmp = final.with_name(final.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    np.save(tmp / "frames.npy", np.ascontiguousarray(frames))
-    np.save(tmp / "landmarks.npy", landmarks.astype(np.float32))
-    info = {
-        "format": FORMAT_VERSION,
-        "name": name,
-        "fps": fps,
-        "num_frames": int(frames.shape[0]),
-        "height": int(frames.shape[1]),
-        "width": int(frames.shape[2]),
-        "landmarks": "mediapipe-478",
-        **(meta or {}),
-    }
-    (tmp / "avatar.json").write_text(json.dumps(info, indent=2))
-    if final.exists():
-        _remove_tree(final)
-    tmp.rename(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # A unique, dot-prefixed temporary folder: two writers racing on one name never share
+    # it, and list_avatars never shows it (the name rule refuses a leading dot).
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=final.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a published avatar is an ordinary folder
+        np.save(tmp / "frames.npy", np.ascontiguousarray(frames))
+        np.save(tmp / "landmarks.npy", landmarks.astype(np.float32))
+        info = {
+            "format": FORMAT_VERSION,
+            "name": name,
+            "fps": fps,
+            "num_frames": int(frames.shape[0]),
+            "height": int(frames.shape[1]),
+            "width": int(frames.shape[2]),
+            "landmarks": "mediapipe-478",
+            **(meta or {}),
+        }
+        (tmp / "avatar.json").write_text(json.dumps(info, indent=2))
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return load_avatar(data_dir, name)
 
 
@@ -142,13 +151,31 @@ def list_avatars(data_dir: Path) -> list[str]:
     root = avatars_root(data_dir)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / "avatar.json").is_file())
+    return sorted(
+        p.name for p in root.iterdir() if AVATAR_NAME_RE.match(p.name) and (p / "avatar.json").is_file()
+    )
 
 
-def _remove_tree(path: Path) -> None:
-    for child in path.iterdir():
-        if child.is_dir():
-            _remove_tree(child)
-        else:
-            child.unlink()
-    path.rmdir()
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` into place, replacing any previous version. The old folder is moved
+    aside first (a rename onto a non-empty folder fails) and removed afterwards; readers
+    that memory-mapped it keep their pages (the files stay alive until unmapped)."""
+    for _ in range(10):
+        old: Path | None = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
+            try:
+                final.rename(old)
+            except FileNotFoundError:  # another writer moved it first
+                old = None
+        try:
+            tmp.rename(final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            continue  # another writer published between our two renames: go again
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        return
+    raise OSError(f"could not publish {final}: other writers keep replacing it")

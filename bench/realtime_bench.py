@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import multiprocessing as mp
 import statistics
 import tempfile
 import time
@@ -31,16 +32,28 @@ SHORT = "Hello, how are you today?"
 LONG = " ".join(["This sentence goes on for a while so that several sessions speak together."] * 3)
 
 
-def _audio_events(received: Received) -> list[tuple[float, float, float]]:
-    """(arrival, media seconds, rms) per received audio frame."""
+def _audio_events(received: Received, packets: bool = False) -> list[tuple[float, float, float]]:
+    """(arrival, media seconds, rms) per audio frame: decoded by the receiver (after its
+    playout buffer) or, with ``packets``, as each RTP packet arrived."""
+    if packets:
+        return [(p.t, p.pts / 48_000, p.rms) for p in received.audio_packets]
     return [(a.t, a.pts / a.rate, float(np.sqrt(np.mean(a.samples**2)))) for a in received.audio]
 
 
-def first_speech(received: Received, after: float) -> tuple[float, float] | None:
-    """Arrival time and media time of the first speaking audio frame that arrived after ``after``."""
-    for t, media, rms in _audio_events(received):
+def first_speech(received: Received, after: float, packets: bool = False) -> tuple[float, float] | None:
+    """Arrival time and media time of the first speaking audio that arrived after ``after``."""
+    for t, media, rms in _audio_events(received, packets):
         if t >= after and rms > SILENT:
             return t, media
+    return None
+
+
+def silence_after(received: Received, asked: float, packets: bool = False) -> float | None:
+    """Arrival of the first silent audio after ``asked`` that stays silent (5 frames)."""
+    events = [e for e in _audio_events(received, packets) if e[0] >= asked]
+    for k, (t, _media, rms) in enumerate(events):
+        if rms <= SILENT and all(r <= SILENT for _t, _m, r in events[k : k + 5]):
+            return t
     return None
 
 
@@ -53,8 +66,9 @@ def video_arrival_at(received: Received, media: float) -> float | None:
 
 
 async def measure_latency(url: str, trials: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"audio": [], "video": [], "offset": [], "silence": []}
-    async with AvatarClient(url, keep_images=False) as client:
+    keys = ["audio_pkt", "audio", "video", "offset_pkt", "offset", "silence_pkt", "silence"]
+    out: dict[str, list[float]] = {k: [] for k in keys}
+    async with AvatarClient(url, keep_images=False, tap_packets=True) as client:
         await client.connect()
         await asyncio.sleep(1.0)
         for _ in range(trials):
@@ -62,15 +76,16 @@ async def measure_latency(url: str, trials: int) -> dict[str, list[float]]:
             await client.say(SHORT)
             await client.wait_speaking(False, timeout=20)
             await asyncio.sleep(0.3)
-            hit = first_speech(client.received, sent)
-            if hit is None:
+            pkt, dec = first_speech(client.received, sent, True), first_speech(client.received, sent)
+            if pkt is None or dec is None:
                 continue
-            t_audio, media = hit
-            t_video = video_arrival_at(client.received, media)
-            out["audio"].append((t_audio - sent) * 1000)
+            out["audio_pkt"].append((pkt[0] - sent) * 1000)
+            out["audio"].append((dec[0] - sent) * 1000)
+            t_video = video_arrival_at(client.received, pkt[1])
             if t_video is not None:
                 out["video"].append((t_video - sent) * 1000)
-                out["offset"].append((t_video - t_audio) * 1000)
+                out["offset_pkt"].append((t_video - pkt[0]) * 1000)
+                out["offset"].append((t_video - dec[0]) * 1000)
         for _ in range(trials):
             await client.say(LONG)
             await client.wait_speaking(True, timeout=10)
@@ -78,11 +93,10 @@ async def measure_latency(url: str, trials: int) -> dict[str, list[float]]:
             asked = time.monotonic()
             await client.interrupt()
             await asyncio.sleep(0.6)
-            events = [e for e in _audio_events(client.received) if e[0] >= asked]
-            for k, (t, _media, rms) in enumerate(events):
-                if rms <= SILENT and all(r <= SILENT for _t, _m, r in events[k : k + 5]):
-                    out["silence"].append((t - asked) * 1000)
-                    break
+            for key, packets in (("silence_pkt", True), ("silence", False)):
+                t = silence_after(client.received, asked, packets)
+                if t is not None:
+                    out[key].append((t - asked) * 1000)
     return out
 
 
@@ -114,33 +128,62 @@ class CapacityResult:
     speaking_ok: bool
 
 
-async def measure_capacity(server: ServerProcess, n: int, seconds: float = 6.0) -> CapacityResult:
-    clients = [AvatarClient(server.url, keep_images=False) for _ in range(n)]
-    try:
-        for c in clients:
-            await c.connect()
-        await asyncio.sleep(1.0)
-        await asyncio.gather(*(c.say(LONG) for c in clients))
-        await asyncio.gather(*(c.wait_speaking(True, timeout=10) for c in clients))
+async def _one_viewer(url: str, start_at: float, seconds: float) -> dict:
+    async with AvatarClient(url, keep_images=False) as client:
+        await client.connect()
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        await client.say(LONG)
+        await client.wait_speaking(True, timeout=10)
         start = time.monotonic()
         await asyncio.sleep(seconds)
         end = time.monotonic()
-        speaking = all(await asyncio.gather(*(c.is_speaking() for c in clients)))
-        fps, missing, gaps = [], 0, []
-        for c in clients:
-            window = [v for v in c.received.video if start <= v.t <= end]
-            fps.append(len(window) / (end - start))
-            idx = sorted({round(v.pts / 3600) for v in window})
-            if idx:
-                missing += (idx[-1] - idx[0] + 1) - len(idx)
-            ts = [v.t for v in window]
-            gaps.append(max(np.diff(ts)) * 1000 if len(ts) > 1 else float("inf"))
-        skipped = sum(server.stats()["video_frames_skipped"].values())
-        return CapacityResult(n, min(fps), missing, max(gaps), skipped, speaking)
-    finally:
-        for c in clients:
-            await c.close()
-        await asyncio.sleep(1.0)
+        speaking = await client.is_speaking()
+        window = [v for v in client.received.video if start <= v.t <= end]
+        idx = sorted({round(v.pts / 3600) for v in window})
+        ts = [v.t for v in window]
+        return {
+            "fps": len(window) / (end - start),
+            "missing": (idx[-1] - idx[0] + 1 - len(idx)) if idx else 0,
+            "max_gap_ms": float(max(np.diff(ts)) * 1000) if len(ts) > 1 else float("inf"),
+            "speaking": speaking,
+        }
+
+
+def _viewer_process(url: str, start_at: float, seconds: float, results: "mp.Queue") -> None:
+    """One viewer per process, as real viewers are: the measure is the server's, not
+    one Python process decoding every stream under one GIL."""
+    try:
+        results.put(asyncio.run(_one_viewer(url, start_at, seconds)))
+    except Exception as exc:  # reported as a failed viewer
+        results.put({"error": repr(exc)})
+
+
+async def measure_capacity(server: ServerProcess, n: int, seconds: float = 6.0) -> CapacityResult:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    skipped_before = server.stats().get("video_frames_skipped_total", 0)
+    start_at = time.time() + 6.0  # every viewer connected before anyone speaks
+    procs = [ctx.Process(target=_viewer_process, args=(server.url, start_at, seconds, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    loop = asyncio.get_running_loop()
+    got = [await loop.run_in_executor(None, results.get, True, 90) for _ in procs]
+    for p in procs:
+        await loop.run_in_executor(None, p.join, 10)
+    await asyncio.sleep(1.0)
+    errors = [g["error"] for g in got if "error" in g]
+    if errors:
+        log.warning("viewers failed: %s", errors)
+        return CapacityResult(n, 0.0, -1, float("inf"), -1, False)
+    skipped = server.stats().get("video_frames_skipped_total", 0) - skipped_before
+    return CapacityResult(
+        n,
+        min(g["fps"] for g in got),
+        sum(g["missing"] for g in got),
+        max(g["max_gap_ms"] for g in got),
+        skipped,
+        all(g["speaking"] for g in got),
+    )
 
 
 def _median(xs: list[float]) -> float:
@@ -152,12 +195,21 @@ async def run(args: argparse.Namespace) -> None:
     with ServerProcess(data_dir, "--max-sessions", str(max(args.sessions) + 1), "--log-level", "WARNING") as server:
         lat = await measure_latency(server.url, args.trials)
         r, lag = await measure_sync(server.url)
+        def row(label: str, key: str, bar: str, signed: bool = False) -> list[str]:
+            xs = lat[key]
+            fmt = "{:+.0f} ms" if signed else "{:.0f} ms"
+            worst = max(xs, key=abs) if xs else float("nan")
+            return [label, fmt.format(_median(xs)), fmt.format(worst), bar]
+
         rows = [
-            ["text -> first speaking audio at client", f"{_median(lat['audio']):.0f} ms", f"{max(lat['audio'], default=float('nan')):.0f} ms", "<= 250 ms"],
-            ["text -> first speaking frame at client", f"{_median(lat['video']):.0f} ms", f"{max(lat['video'], default=float('nan')):.0f} ms", "<= 250 ms"],
-            ["interrupt -> silence at client", f"{_median(lat['silence']):.0f} ms", f"{max(lat['silence'], default=float('nan')):.0f} ms", "<= 100 ms"],
-            ["A/V offset by arrival (video - audio)", f"{_median(lat['offset']):+.0f} ms", f"{max(lat['offset'], key=abs, default=float('nan')):+.0f} ms", "|x| <= 40 ms"],
-            ["A/V offset by content (mouth vs envelope lag)", f"{lag * 40:+d} ms", f"r = {r:.2f}", "|x| <= 40 ms, r >= 0.6"],
+            row("text -> first speaking audio packet arrives", "audio_pkt", "<= 250 ms"),
+            row("text -> first speaking audio decoded (after aiortc's 80 ms buffer)", "audio", "<= 250 ms"),
+            row("text -> first speaking video frame decoded", "video", "<= 250 ms"),
+            row("interrupt -> silent audio packets arrive", "silence_pkt", "<= 100 ms"),
+            row("interrupt -> silence decoded (after aiortc's 80 ms buffer)", "silence", "<= 100 ms"),
+            row("A/V offset, video frame vs audio packet (same media time)", "offset_pkt", "|x| <= 40 ms", True),
+            row("A/V offset, video vs audio both decoded", "offset", "|x| <= 40 ms", True),
+            ["A/V offset by content (mouth vs envelope, best lag)", f"{lag * 40:+d} ms", f"r = {r:.2f}", "|x| <= 40 ms, r >= 0.6"],
         ]
         print_table(f"Real-time latency and sync at an aiortc client ({args.trials} trials each; median, worst)", ["measure", "median", "worst", "bar"], rows)
         cap_rows = []

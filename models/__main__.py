@@ -24,7 +24,8 @@ def _versions(arg: str) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m models", description="MuseTalk weight files: download and check.")
     p.add_argument("command", choices=["download", "check", "verify"])
-    p.add_argument("--version", default=DEFAULT_VERSION, choices=[*VERSIONS, "all"], help="MuseTalk version (default %(default)s)")
+    p.add_argument("--version", default=DEFAULT_VERSION, choices=[*VERSIONS, "all"],
+                   help="MuseTalk version (default %(default)s)")
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LIPSYNC_DATA_DIR", "data")),
                    help="data directory; weights go to DATA_DIR/models (env LIPSYNC_DATA_DIR)")
     p.add_argument("--with", dest="optional", action="append", default=[], choices=[*OPTIONAL_KEYS, "all"],
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             log.error("MuseTalk %s: %d problem(s) under %s:", version, len(problems), models_dir(a.data_dir))
             for p in problems:
                 log.error("  %s", p)
-            log.error("fix with: python -m models download --version %s --data-dir %s", version, a.data_dir)
+            extra = "".join(f" --with {p.spec.key}" for p in problems if p.spec.optional)
+            log.error("fix with: python -m models download --version %s --data-dir %s%s", version, a.data_dir, extra)
         else:
             log.info("MuseTalk %s: all weights present under %s", version, models_dir(a.data_dir))
     return status

@@ -24,7 +24,6 @@ from urllib.parse import urlparse
 
 from .weights import (
     HF_DEFAULT_ENDPOINT,
-    SPECS,
     WeightProblem,
     WeightSpec,
     download_command,
@@ -221,7 +220,9 @@ def _offline_reason(exc: BaseException) -> str | None:
     return None
 
 
-def _offline_message(host: str, reason: str, version: str, data_dir: Path, todo: Iterable[WeightSpec], endpoint: str | None) -> str:
+def _offline_message(
+    host: str, reason: str, version: str, data_dir: Path, todo: Iterable[WeightSpec], endpoint: str | None
+) -> str:
     lines = [
         f"cannot reach {host} ({reason}): this machine looks offline, or the model hub is blocked.",
         "Ways forward:",
@@ -236,21 +237,33 @@ def _offline_message(host: str, reason: str, version: str, data_dir: Path, todo:
     return "\n".join(lines)
 
 
-def _already_good(data_dir: Path, s: WeightSpec) -> bool:
+def _recorded_ok(data_dir: Path, s: WeightSpec) -> bool:
+    """Present, as the manifest recorded it after a verified download."""
     path = resolve(data_dir, s)
     if path is None:
         return False
+    recorded = read_manifest(data_dir).get(path.relative_to(models_dir(data_dir)).as_posix())
+    return bool(recorded) and path.stat().st_size == recorded.get("size") and not structure_problem(path)
+
+
+def _adopt(data_dir: Path, s: WeightSpec, path: Path, info: RemoteFile | None) -> bool:
+    """Whether a file already there (fetched by hand or by the reference's script) can
+    stay: whole, and matching the source's size and hash where they are known."""
+    if structure_problem(path):
+        return False
     rel = path.relative_to(models_dir(data_dir)).as_posix()
-    recorded = read_manifest(data_dir).get(rel)
-    if recorded and path.stat().st_size == recorded.get("size") and not structure_problem(path):
+    if rel != s.local:
+        log.info("%s: using the %s already present", s.description, rel)  # e.g. a .bin VAE
         return True
-    if s.sha256 and rel == s.local:
-        digest = sha256_of(path)
-        if digest == s.sha256:
-            record_in_manifest(data_dir, rel, path.stat().st_size, digest, s.source_url)
-            return True
-        log.warning("%s does not match its published SHA-256; fetching it again", path)
-    return False
+    if info is None or info.size is not None and path.stat().st_size != info.size:
+        return False
+    digest = sha256_of(path) if info.sha256 else None
+    if info.sha256 and digest != info.sha256:
+        log.warning("%s does not match its source's SHA-256; fetching it again", path)
+        return False
+    record_in_manifest(data_dir, rel, path.stat().st_size, digest, info.url)
+    log.info("%s: the file present matches its source; kept", path)
+    return True
 
 
 def download_weights(
@@ -266,23 +279,29 @@ def download_weights(
     """Fetch every file ``version`` needs (plus the ``optional`` ones) into ``<data>/models``."""
     data_dir = Path(data_dir)
     wanted = specs_for(version, optional)
-    todo = [s for s in wanted if force or not _already_good(data_dir, s)]
-    for s in wanted:
-        if s not in todo:
-            log.info("%s: present (%s)", s.description, resolve(data_dir, s))
     done: list[Path] = []
-    for i, s in enumerate(todo):
+    for i, s in enumerate(wanted):
+        if not force and _recorded_ok(data_dir, s):
+            log.info("%s: present (%s)", s.description, resolve(data_dir, s))
+            continue
+        present = None if force else resolve(data_dir, s)
+        is_alternative = present is not None and present.relative_to(models_dir(data_dir)).as_posix() != s.local
+        if is_alternative and _adopt(data_dir, s, present, None):  # type: ignore[arg-type]
+            continue
         dest = models_dir(data_dir) / s.local
         url = source_url(s, endpoint)
-        log.info("fetching %s from %s", s.description, url)
         try:
             info = remote_file(s, endpoint, timeout)
+            if present is not None and _adopt(data_dir, s, present, info):
+                continue
+            log.info("fetching %s from %s", s.description, url)
             digest = fetch(info.url, dest, size=info.size, sha256=info.sha256, progress=progress, timeout=timeout)
         except (urllib.error.URLError, OSError) as exc:
             reason = _offline_reason(exc)
             host = urlparse(url).hostname or url
             if reason is not None:
-                raise DownloadError(_offline_message(host, reason, version, data_dir, todo[i:], endpoint)) from None
+                todo = [t for t in wanted[i:] if not _recorded_ok(data_dir, t)]
+                raise DownloadError(_offline_message(host, reason, version, data_dir, todo, endpoint)) from None
             if isinstance(exc, urllib.error.HTTPError):
                 hint = {401: "the hub asks for a login", 403: "access denied", 404: "not found (moved or renamed?)"}
                 raise DownloadError(
@@ -320,4 +339,4 @@ def verify_weights(data_dir: Path | str, version: str, optional: tuple[str, ...]
     return problems
 
 
-__all__ = ["DownloadError", "RemoteFile", "SPECS", "download_weights", "fetch", "remote_file", "sha256_of", "verify_weights"]
+__all__ = ["DownloadError", "RemoteFile", "download_weights", "fetch", "remote_file", "sha256_of", "verify_weights"]

@@ -23,8 +23,3 @@ def sinusoid_table(length: int = TOKENS, d_model: int = D_MODEL) -> torch.Tensor
     pe[:, 1::2] = torch.cos(position * div)
     return pe
 
-
-def add_positional_encoding(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (..., T, d) plus the table, computed in float32 and returned in x's dtype."""
-    pe = sinusoid_table(x.shape[-2], x.shape[-1]).to(x.device)
-    return (x.float() + pe).to(x.dtype)

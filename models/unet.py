@@ -89,7 +89,8 @@ def load_unet(
     model = build_unet(config, "meta")
     state = strip_prefix(load_state_dict(weights_path), "module.")
     assign_state_dict(model, state, "MuseTalk UNet", weights_path)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # nn.Module.to: diffusers' override only adds a warning about fp32-pinned modules these models do not have
+    model = torch.nn.Module.to(model, device=device, dtype=dtype).eval().requires_grad_(False)
     log.info("UNet %s loaded (%d parameters) on %s as %s", Path(weights_path).name,
              sum(p.numel() for p in model.parameters()), device, dtype)
     return model

@@ -85,7 +85,8 @@ def load_vae(folder: Path | str, device: str | torch.device = "cpu", dtype: torc
     model = build_vae(config, "meta")
     state = convert_legacy_keys(load_state_dict(path))
     assign_state_dict(model, state, "AutoencoderKL", path)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # nn.Module.to: diffusers' override only adds a warning about fp32-pinned modules these models do not have
+    model = torch.nn.Module.to(model, device=device, dtype=dtype).eval().requires_grad_(False)
     log.info("VAE %s loaded on %s as %s", path.name, device, dtype)
     return model
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, assign_state_dict, load_state_dict
-from .positional import add_positional_encoding
+from .positional import sinusoid_table
 
 log = logging.getLogger(__name__)
 
@@ -196,16 +196,19 @@ def load_whisper_encoder(
     path = Path(path)
     raw = load_state_dict(path)
     if "model_state_dict" in raw and "dims" in raw:
-        d = raw["dims"]
-        dims = EncoderDims(d["n_mels"], d["n_audio_ctx"], d["n_audio_state"], d["n_audio_head"], d["n_audio_layer"])
-        state = {k.removeprefix("encoder."): v for k, v in raw["model_state_dict"].items() if k.startswith("encoder.")}
+        try:
+            d = raw["dims"]
+            dims = EncoderDims(d["n_mels"], d["n_audio_ctx"], d["n_audio_state"], d["n_audio_head"], d["n_audio_layer"])
+            state = {k.removeprefix("encoder."): v for k, v in raw["model_state_dict"].items() if k.startswith("encoder.")}
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: not an openai-whisper checkpoint (dims incomplete: {exc})") from exc
     else:
         try:
             cfg = json.loads((path.parent / "config.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a tiny.pt checkpoint and no readable config.json beside it ({exc})") from exc
-        dims = EncoderDims(cfg["num_mel_bins"], cfg["max_source_positions"], cfg["d_model"],
-                           cfg["encoder_attention_heads"], cfg["encoder_layers"])
+            dims = EncoderDims(cfg["num_mel_bins"], cfg["max_source_positions"], cfg["d_model"],
+                               cfg["encoder_attention_heads"], cfg["encoder_layers"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: not a tiny.pt checkpoint and no usable config.json beside it ({exc})") from exc
         state = _from_hf(raw)
     if dims.n_audio_layer + 1 != N_STATES or dims.n_audio_state != STATE_DIM:
         raise CheckpointError(
@@ -297,7 +300,7 @@ class StreamConfig:
     right: int = 25
 
     @classmethod
-    def from_seconds(cls, hop_s: float = 0.2, left_s: float = 1.5, right_s: float = 0.5) -> "StreamConfig":
+    def from_seconds(cls, hop_s: float = 0.2, left_s: float = 1.5, right_s: float = 0.5) -> StreamConfig:
         steps = lambda s: int(round(s * SAMPLE_RATE / STEP_SAMPLES))  # noqa: E731
         return cls(max(1, steps(hop_s)), max(0, steps(left_s)), max(0, steps(right_s)))
 
@@ -366,7 +369,8 @@ class WhisperStepStream:
     def _cat(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         if parts:
             return torch.cat(list(parts), dim=0)
-        return torch.zeros((0, N_STATES, self.encoder.dims.n_audio_state), dtype=self.encoder.conv1.weight.dtype, device=self.device)
+        shape = (0, N_STATES, self.encoder.dims.n_audio_state)
+        return torch.zeros(shape, dtype=self.encoder.conv1.weight.dtype, device=self.device)
 
     def _seg_steps_wanted(self) -> int:
         """Steps of the current segment that will be emitted (known once final)."""
@@ -483,6 +487,7 @@ class FrameFeatureStream:
         self.steps = WhisperStepStream(encoder, version, config)
         self.version = version
         self.dtype = dtype or encoder.conv1.weight.dtype
+        self._pe = sinusoid_table(WINDOW_STEPS * N_STATES, encoder.dims.n_audio_state).to(self.steps.device)
         self._buffer: torch.Tensor | None = None  # steps from _base on
         self._base = 0
         self._next_frame = 0
@@ -507,17 +512,18 @@ class FrameFeatureStream:
             self._buffer = states if self._buffer is None else torch.cat([self._buffer, states])
 
     def _emit(self, upto: int, total_steps: int | None) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = []
         if upto <= self._next_frame or self._buffer is None:
-            return out
-        zeros = torch.zeros_like(self._buffer[0])
-        for f in range(self._next_frame, upto):
-            rows = []
-            for idx in window_indices(f):
-                src = resolve_step(idx, total_steps if total_steps is not None else 1 << 30, self.version)
-                rows.append(zeros if src is None else self._buffer[src - self._base])
-            window = torch.stack(rows).reshape(WINDOW_STEPS * N_STATES, -1)
-            out.append(add_positional_encoding(window.float()).to(self.dtype))
+            return []
+        total = total_steps if total_steps is not None else 1 << 30  # no end known yet
+        rows = [
+            [-1 if (src := resolve_step(i, total, self.version)) is None else src - self._base for i in window_indices(f)]
+            for f in range(self._next_frame, upto)
+        ]
+        # one gather for all ready frames; index -1 picks the zero row appended at the end
+        padded = torch.cat([self._buffer, torch.zeros_like(self._buffer[:1])])
+        index = torch.tensor(rows, device=padded.device).remainder_(padded.shape[0])
+        windows = padded[index].reshape(len(rows), WINDOW_STEPS * N_STATES, -1)
+        features = (windows.float() + self._pe).to(self.dtype)
         self._next_frame = upto
         # keep only the steps later frames can still use
         keep_from = max(0, STEPS_PER_FRAME * self._next_frame - WINDOW_BEFORE - 1)
@@ -525,4 +531,4 @@ class FrameFeatureStream:
             drop = min(keep_from - self._base, self._buffer.shape[0] - 1)
             self._buffer = self._buffer[drop:]
             self._base += drop
-        return out
+        return list(features.unbind(0))

@@ -265,8 +265,14 @@ class WorkerLoop:
         self.engine.close()
 
     def run(self, inbox: Any) -> None:
+        parent = os.getppid()
         running = True
         while running:
+            if os.getppid() != parent:
+                # The server was killed without telling us: nobody will read our frames,
+                # and exiting lets the server's resource tracker free its segments.
+                log.warning("server process %d is gone; worker exiting", parent)
+                return
             busy = self.has_work()
             timeout = FULL_WAIT_S if busy else IDLE_WAIT_S
             try:

@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--musetalk-version", default=env("LIPSYNC_MUSETALK_VERSION", "v15"), choices=["v15", "v1"])
     p.add_argument("--tts", default=env("LIPSYNC_TTS", "espeak"), help="TTS backend: espeak (offline) or edge")
     p.add_argument("--voice", default=env("LIPSYNC_VOICE"), help="TTS voice (espeak: en-us, de, fr...; edge: en-US-AriaNeural...)")
+    p.add_argument("--ice-server", action="append", default=[u for u in (env("LIPSYNC_ICE_SERVERS") or "").split(",") if u],
+                   help="STUN/TURN URL for the server's peer connections (repeatable; env LIPSYNC_ICE_SERVERS, comma-separated); default: none, host candidates only")
     p.add_argument("--max-sessions", type=int, default=int(env("LIPSYNC_MAX_SESSIONS", "8")))
     p.add_argument("--log-level", default=env("LIPSYNC_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
@@ -33,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     tts_options = {"voice": a.voice} if a.voice else {}
     return ServerConfig(
         host=a.host, port=a.port, data_dir=a.data_dir.resolve(), avatar=a.avatar, engine=a.engine,
-        engine_options=engine_options, tts=a.tts, tts_options=tts_options, max_sessions=a.max_sessions,
+        engine_options=engine_options, tts=a.tts, tts_options=tts_options, max_sessions=a.max_sessions, ice_servers=a.ice_server,
     )
 
 

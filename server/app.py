@@ -11,7 +11,7 @@ from avatars.avatar import load_avatar
 from pipeline.client import WorkerClient
 from pipeline.worker import WorkerConfig
 from server.config import ServerConfig
-from server.errors import error_middleware
+from server.errors import ApiError, ErrorCode, error_middleware
 from server.digital_human import routes as digital_human_routes
 from server.routes import routes
 from server.sessions import SessionManager
@@ -38,9 +38,20 @@ def create_app(config: ServerConfig) -> web.Application:
     async def index(request: web.Request) -> web.StreamResponse:
         raise web.HTTPFound("/webrtcapi.html")
 
+    web_root = config.web_dir.resolve()
+    post_only = {r.path for table in (routes, digital_human_routes) for r in table if isinstance(r, web.RouteDef) and r.method == "POST"}
+
+    async def static(request: web.Request) -> web.StreamResponse:
+        # Our own handler rather than add_static, so a missing page gets the JSON error.
+        if request.path in post_only:
+            raise ApiError(405, ErrorCode.METHOD_NOT_ALLOWED, f"GET is not allowed on {request.path}; use POST")
+        path = (web_root / request.match_info["path"]).resolve()
+        if web_root not in path.parents or not path.is_file():
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"no such route or file: {request.path}")
+        return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
     app.router.add_get("/", index)
-    if config.web_dir.is_dir():
-        app.router.add_static("/", config.web_dir, show_index=False)
+    app.router.add_get("/{path:.+}", static)
 
     async def startup(app: web.Application) -> None:
         config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +75,13 @@ def create_app(config: ServerConfig) -> web.Application:
         log.info("serving on http://%s:%d/webrtcapi.html (engine %s, tts %s, avatar %s)",
                  config.host, config.port, worker.ready_info.engine if worker.ready_info else "?", config.tts, config.avatar)
 
+    async def shutdown(app: web.Application) -> None:
+        # Before aiohttp waits for open handlers: closing the sessions sends "closed" and
+        # ends their WebSockets, so a connected browser does not hold shutdown up.
+        state: AppState | None = app.get("state")
+        if state is not None:
+            await state.sessions.close_all()
+
     async def cleanup(app: web.Application) -> None:
         state: AppState | None = app.get("state")
         if state is None:
@@ -73,5 +91,6 @@ def create_app(config: ServerConfig) -> web.Application:
         await state.tts.close()
 
     app.on_startup.append(startup)
+    app.on_shutdown.append(shutdown)
     app.on_cleanup.append(cleanup)
     return app

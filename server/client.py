@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class AudioPacket:
     """An audio RTP packet as it arrived, before the receiver's playout buffer."""
 
     t: float
+    pts: int  # RTP timestamp (48 kHz) counted from the first packet, like decoded frames' pts
     rms: float
 
 
@@ -87,7 +88,7 @@ class AvatarClient:
 
     async def connect(self, avatar: str | None = None, timeout: float = 30.0) -> str:
         self.http = aiohttp.ClientSession()
-        self.pc = RTCPeerConnection()
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates: no STUN lookup
         self.pc.addTransceiver("video", direction="recvonly")
         self.pc.addTransceiver("audio", direction="recvonly")
 
@@ -119,13 +120,18 @@ class AvatarClient:
         original = receiver._handle_rtp_packet
         packets = self.received.audio_packets
 
+        first: list[int] = []
+
         async def tapped(packet: Any, arrival_time_ms: int) -> None:
             try:
+                if not first:
+                    first.append(packet.timestamp)
+                pts = (packet.timestamp - first[0]) % (1 << 32)
                 pcm = [f.to_ndarray() for f in decoder.decode(av.Packet(packet.payload))]
                 samples = np.concatenate([p.reshape(-1) for p in pcm]).astype(np.float32) if pcm else np.zeros(1)
                 if np.issubdtype(pcm[0].dtype if pcm else np.float32, np.integer):
                     samples /= 32768.0
-                packets.append(AudioPacket(time.monotonic(), float(np.sqrt(np.mean(samples**2)))))
+                packets.append(AudioPacket(time.monotonic(), pts, float(np.sqrt(np.mean(samples**2)))))
             except Exception:  # a measurement aid must never break reception
                 log.debug("audio packet tap failed", exc_info=True)
             await original(packet, arrival_time_ms)

@@ -25,4 +25,7 @@ class ServerConfig:
     max_text_chars: int = 5000
     connect_timeout_s: float = 30.0  # a session whose peer never connects is closed
     worker_start_timeout_s: float = 300.0
+    # STUN/TURN URLs for the server's peer connections. Empty: host candidates only,
+    # which is right on a LAN and avoids aiortc's default lookup of a public STUN server.
+    ice_servers: list[str] = field(default_factory=list)
     web_dir: Path = WEB_DIR

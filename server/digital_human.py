@@ -59,6 +59,7 @@ async def preprocess(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise ApiError(400, ErrorCode.INVALID_FIELD, f"could not prepare an avatar from {video.name}: {exc}") from None
     state.avatars.pop(streamer, None)  # sessions opened from now on get the new one
+    state.sessions.forget_avatar(streamer)
     return web.json_response({"code": 0, "msg": "ok", "user_id": user_id, "request_id": request_id, "data": {"frames": avatar.num_frames}})
 
 

@@ -83,13 +83,16 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def field_str(body: dict[str, Any], name: str, required: bool = True, default: str | None = None, max_len: int = 10_000) -> str | None:
+def field_str(
+    body: dict[str, Any], name: str, required: bool = True, default: str | None = None, max_len: int = 10_000, allow_int: bool = False
+) -> str | None:
+    """A string field. ``allow_int`` takes numbers too (LiveTalking clients send numeric session ids)."""
     value = body.get(name)
     if value is None:
         if required:
             raise ApiError(400, ErrorCode.MISSING_FIELD, f"missing field '{name}'")
         return default
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
+    if isinstance(value, bool) or not isinstance(value, (str, int) if allow_int else str):
         raise ApiError(400, ErrorCode.INVALID_FIELD, f"field '{name}' must be a string, got {type(value).__name__}")
     value = str(value)
     if len(value) > max_len:
@@ -120,3 +123,9 @@ def field_int(body: dict[str, Any], name: str, required: bool = True, default: i
         return int(value)
     except (TypeError, ValueError):
         raise ApiError(400, ErrorCode.INVALID_FIELD, f"field '{name}' must be an integer, got {value!r}") from None
+
+
+def field_session(body: dict[str, Any]) -> str:
+    value = field_str(body, "sessionid", max_len=128, allow_int=True)
+    assert value is not None
+    return value

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 from aiohttp import WSMsgType, web
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
 from avatars.avatar import AvatarNotFound, InvalidAvatarName
 from server.audio_decode import AudioDecodeError, decode_audio
-from server.errors import ApiError, ErrorCode, field_bool, field_int, field_str, ok, read_json
+from server.errors import ApiError, ErrorCode, field_bool, field_int, field_session, field_str, ok, read_json
 from server.state import AppState
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ async def offer(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise ApiError(400, ErrorCode.INVALID_FIELD, f"invalid SDP: {exc}") from None
     session = await state.sessions.create(avatar)
-    pc = RTCPeerConnection()
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(u) for u in state.config.ice_servers]))
     state.sessions.attach_peer(session, pc)
     try:
         await pc.setRemoteDescription(description)
@@ -125,7 +125,7 @@ async def humanecho(request: web.Request) -> web.WebSocketResponse:
 async def human(request: web.Request) -> web.Response:
     state = _state(request)
     body = await read_json(request)
-    session = state.sessions.get(field_str(body, "sessionid"))
+    session = state.sessions.get(field_session(body))
     kind = field_str(body, "type", required=False, default="echo")
     if kind not in ("echo", "chat"):
         raise ApiError(400, ErrorCode.INVALID_FIELD, f"field 'type' must be 'echo' or 'chat', got {kind!r}")
@@ -145,7 +145,7 @@ async def humanaudio(request: web.Request) -> web.Response:
         form = await request.post()
     except ValueError as exc:
         raise ApiError(400, ErrorCode.INVALID_FIELD, f"unreadable form: {exc}") from None
-    session = state.sessions.get(field_str(dict(form), "sessionid"))
+    session = state.sessions.get(field_session(dict(form)))
     upload = form.get("file")
     if upload is None or not hasattr(upload, "file"):
         raise ApiError(400, ErrorCode.MISSING_FIELD, "missing file field 'file' (wav, mp3, ogg, m4a, ...)")
@@ -166,7 +166,7 @@ async def humanaudio(request: web.Request) -> web.Response:
 async def set_audiotype(request: web.Request) -> web.Response:
     state = _state(request)
     body = await read_json(request)
-    session = state.sessions.get(field_str(body, "sessionid"))
+    session = state.sessions.get(field_session(body))
     audiotype = field_int(body, "audiotype")
     reinit = field_bool(body, "reinit")
     clips = session.avatar.meta.get("clips", [])
@@ -185,7 +185,7 @@ async def set_audiotype(request: web.Request) -> web.Response:
 async def record(request: web.Request) -> web.Response:
     state = _state(request)
     body = await read_json(request)
-    session = state.sessions.get(field_str(body, "sessionid"))
+    session = state.sessions.get(field_session(body))
     kind = field_str(body, "type")
     if kind == "start_record":
         name = f"{session.id}-{time.strftime('%Y%m%d-%H%M%S')}.mp4"
@@ -215,7 +215,7 @@ async def download_record(request: web.Request) -> web.FileResponse:
 async def is_speaking(request: web.Request) -> web.Response:
     state = _state(request)
     body = await read_json(request)
-    session = state.sessions.get(field_str(body, "sessionid"))
+    session = state.sessions.get(field_session(body))
     return ok(session.is_speaking)
 
 
@@ -223,9 +223,11 @@ async def is_speaking(request: web.Request) -> web.Response:
 async def interrupt_talk(request: web.Request) -> web.Response:
     state = _state(request)
     body = await read_json(request)
-    session = state.sessions.get(field_str(body, "sessionid"))
+    session = state.sessions.get(field_session(body))
+    frame = session.player.last_decided
     cut = session.interrupt()
-    return ok({"interrupted": cut})
+    # frame: the last media frame that was already decided; every later one is silent
+    return ok({"interrupted": cut, "frame": frame})
 
 
 @routes.get("/digital_human/check")
@@ -247,5 +249,7 @@ async def stats(request: web.Request) -> web.Response:
             "frames_rendered": w.frames_rendered if w else 0,
             "render_seconds": round(w.render_seconds, 3) if w else 0.0,
             "video_frames_skipped": {sid: s.player.video_frames_skipped for sid, s in state.sessions.sessions.items()},
+            "video_frames_skipped_total": state.sessions.video_frames_skipped
+            + sum(s.player.video_frames_skipped for s in state.sessions.sessions.values()),
         }
     )

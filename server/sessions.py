@@ -60,7 +60,7 @@ class Session:
         self.ring = ring
         self.manager = manager
         self.generation = 0
-        self.player = SessionPlayer(avatar, ring, on_event=self._on_player_event)
+        self.player = SessionPlayer(avatar, ring, on_event=self._on_player_event, idle_yuv=manager.idle_yuv(avatar.name))
         self.pc: RTCPeerConnection | None = None
         self.opened: asyncio.Future = asyncio.get_running_loop().create_future()
         self.recorder: Recorder | None = None
@@ -256,6 +256,15 @@ class SessionManager:
         self.avatars: dict[str, Avatar] = {}
         self.worker: WorkerClient = None  # type: ignore[assignment]  # set by attach_worker
         self.worker_stats: WorkerStats | None = None
+        self._idle_yuv: dict[str, dict[int, np.ndarray | None]] = {}
+        self.video_frames_skipped = 0  # by sessions already closed
+
+    def idle_yuv(self, avatar_name: str) -> dict[int, np.ndarray | None]:
+        return self._idle_yuv.setdefault(avatar_name, {})
+
+    def forget_avatar(self, avatar_name: str) -> None:
+        """The avatar was prepared again: drop what was cached from the old frames."""
+        self._idle_yuv.pop(avatar_name, None)
 
     def attach_worker(self, worker: WorkerClient) -> None:
         self.worker = worker
@@ -312,6 +321,7 @@ class SessionManager:
         session = self.sessions.pop(session_id, None)
         if session is None:
             return
+        self.video_frames_skipped += session.player.video_frames_skipped
         if self.worker is not None:
             self.worker.send(CloseSession(session_id))
         await session.close()

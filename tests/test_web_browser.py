@@ -9,11 +9,15 @@ instead of starting one.
 """
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
+import struct
 import time
 import urllib.error
 import urllib.request
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -157,6 +161,22 @@ def sample_frames(page: Page, seconds: float, every_ms: int = 120) -> list[dict]
     return frames
 
 
+def tone_wav(seconds: float, rate: int = 16000) -> bytes:
+    """A warbling tone as a 16-bit mono wav: loud enough to move the mouth."""
+    n = int(seconds * rate)
+    samples = (
+        int(12000 * math.sin(2 * math.pi * 180 * i / rate) * (0.6 + 0.4 * math.sin(2 * math.pi * 4 * i / rate)))
+        for i in range(n)
+    )
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(struct.pack(f"<{n}h", *samples))
+    return buf.getvalue()
+
+
 def session_count(base_url: str) -> int | None:
     status, body = api(base_url, "/stats")
     return body.get("data", {}).get("sessions") if status == 200 else None
@@ -191,9 +211,9 @@ def test_webrtcapi_page(page: Page, base_url: str) -> None:
 
     # -- speak over the WebSocket (Enter sends), watch the mouth move --
     page.fill("#text", SHORT)
+    t_send = time.monotonic()
     page.press("#text", "Enter")
     expect(page.locator("#text")).to_have_value("")
-    t_send = time.monotonic()
     expect(speaking).to_have_attribute("data-speaking", "true", timeout=20_000)
     first_speech_s = time.monotonic() - t_send
     speech_frames = sample_frames(page, 1.5)
@@ -250,6 +270,13 @@ def test_webrtcapi_page(page: Page, base_url: str) -> None:
     page.click("#upload")
     expect(page.locator("#status.error")).to_be_visible(timeout=10_000)
     assert page.inner_text("#status").strip(), "the error message is empty"
+
+    # -- a real audio file is spoken --
+    page.set_input_files("#audio-file", files=[{"name": "tone.wav", "mimeType": "audio/wav", "buffer": tone_wav(1.5)}])
+    page.click("#upload")
+    expect(speaking).to_have_attribute("data-speaking", "true", timeout=20_000)
+    expect(page.locator("#status.error")).to_have_count(0)
+    expect(speaking).to_have_attribute("data-speaking", "false", timeout=30_000)
 
     assert not page.js_errors, page.js_errors  # type: ignore[attr-defined]
 

@@ -13,6 +13,13 @@ from pipeline.messages import SAMPLES_PER_FRAME, AudioChunk, FrameReady, Interru
 from pipeline.worker import WorkerLoop
 
 
+class Outbox(list):
+    """Stands in for the result queue: the worker only calls put()."""
+
+    def put(self, msg: object) -> None:
+        self.append(msg)
+
+
 @pytest.fixture(scope="module")
 def engine(data_dir: Path):
     ensure_default_avatar(data_dir)
@@ -21,7 +28,7 @@ def engine(data_dir: Path):
 
 @pytest.fixture
 def loop(engine, data_dir: Path):
-    outbox: list = []
+    outbox = Outbox()
     worker = WorkerLoop(engine, data_dir, outbox, max_batch=8)
     rings: list[FrameRing] = []
 

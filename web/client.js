@@ -46,6 +46,7 @@ export class AvatarClient extends EventTarget {
     this._pollTimer = null;
     this._graceTimer = null;
     this._wsRetry = null;
+    this._wsDelay = 0;
   }
 
   // ---- connection ----
@@ -114,8 +115,10 @@ export class AvatarClient extends EventTarget {
     if (!v) return;
     v.playsInline = true;
     v.autoplay = true;
-    if (v.srcObject !== stream) v.srcObject = stream;
-    v.play().catch(() => {
+    if (v.srcObject === stream) return; // the second track joins the same stream
+    v.srcObject = stream;
+    v.play().catch((err) => {
+      if (err.name !== "NotAllowedError" || v.srcObject !== stream) return;
       // Autoplay with sound was refused (no user gesture yet): play muted, let the page unmute.
       v.muted = true;
       v.play().catch(() => {});
@@ -127,11 +130,12 @@ export class AvatarClient extends EventTarget {
     const wasOpen = this.pc !== null || this.sessionid !== null;
     clearTimeout(this._graceTimer);
     clearTimeout(this._wsRetry);
+    this._wsDelay = 0;
     this._stopPolling();
     if (this.ws) {
       const ws = this.ws;
       this.ws = null;
-      ws.onclose = ws.onmessage = ws.onerror = null;
+      ws.onopen = ws.onclose = ws.onmessage = ws.onerror = null;
       try { ws.close(); } catch { /* already closed */ }
     }
     if (this.pc) {
@@ -158,6 +162,7 @@ export class AvatarClient extends EventTarget {
     url.searchParams.set("sessionid", this.sessionid);
     const ws = new WebSocket(url);
     this.ws = ws;
+    ws.onopen = () => { this._wsDelay = 0; };
     ws.onmessage = (e) => {
       let ev;
       try { ev = JSON.parse(e.data); } catch { return; }
@@ -168,7 +173,10 @@ export class AvatarClient extends EventTarget {
       this.ws = null;
       // The session is still up (the peer would have told us otherwise): try again shortly;
       // meanwhile say() goes over POST /human.
-      if (this.sessionid) this._wsRetry = setTimeout(() => this.sessionid && this._openSocket(), 1000);
+      if (this.sessionid) {
+        this._wsDelay = Math.min((this._wsDelay || 500) * 2, 10000);
+        this._wsRetry = setTimeout(() => this.sessionid && this._openSocket(), this._wsDelay);
+      }
     };
   }
 
@@ -210,8 +218,14 @@ export class AvatarClient extends EventTarget {
           if (!speaking) this._active.clear();
           this._setSpeaking(speaking, "poll");
         }
-      } catch {
-        /* reported by _post; keep polling while the session lasts */
+      } catch (err) {
+        // 404: the server no longer knows this session (it restarted or closed it).
+        if (id === this.sessionid && err.status === 404) {
+          this._emit("error", { code: err.code, msg: `the session ended on the server: ${err.msg}` });
+          this._teardown();
+          return;
+        }
+        /* anything else may pass (a busy or restarting server): keep polling */
       }
       if (id === this.sessionid) this._pollTimer = setTimeout(tick, this.pollIntervalMs);
     };

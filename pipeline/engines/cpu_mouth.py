@@ -41,7 +41,6 @@ _INNER_LOWER = [78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308]
 _OUTER_LEFT, _OUTER_RIGHT = 61, 291
 _OUTER_LOWER = 17
 _SUBNASALE = 2
-_CHIN = 152
 
 _EPS = 1e-6
 
@@ -234,10 +233,11 @@ class _Rig:
     """
 
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 of the region that may change
+    mouth: tuple[int, int, int, int]  # where the opening may be painted, within box
     origin: tuple[float, float]
     eu: tuple[float, float]
     ev: tuple[float, float]
-    mid_poly: np.ndarray  # lower inner lip v(u), quartic, valid over [u_lo, u_hi]
+    lower_poly: np.ndarray  # lower inner lip v(u), quartic, valid over [u_lo, u_hi]
     rest_gap: float  # inner-lip gap at rest, mid-mouth
     u_lo: float
     u_hi: float
@@ -247,8 +247,9 @@ class _Rig:
     chin_poly: np.ndarray  # jaw line v'(u), quartic over the lower face oval
     chin_lo: float
     chin_hi: float
-    nose: float  # distance from the lip line up to the nose base
-    chin: float  # distance from the lip line down to the chin
+    nose: float  # distance from the lower inner lip up to the nose base
+    nose_v: float  # v of the nose base
+    chin: float  # distance from the lower inner lip down to the chin
     lip: float  # lower-lip thickness
     mouth_width: float  # outer corner to corner
 
@@ -279,7 +280,9 @@ def _smooth_landmarks(lm: np.ndarray, sigma: float = 1.0) -> np.ndarray:
     return out
 
 
-def _build_rig(lm: np.ndarray, width: int, height: int, max_open: float) -> _Rig | None:
+def _build_rig(
+    lm: np.ndarray, width: int, height: int, max_open: float, max_lift: float, max_spread: float
+) -> _Rig | None:
     if not np.all(np.isfinite(lm[_INNER_UPPER + _INNER_LOWER + FACE_OVAL])):
         return None
     lm = lm.astype(np.float64)
@@ -299,7 +302,7 @@ def _build_rig(lm: np.ndarray, width: int, height: int, max_open: float) -> _Rig
     ul, vl = local(lm[_INNER_LOWER])
     # The jaw side of the face starts at the lower inner lip: whatever shows between
     # the lips at rest (usually upper teeth) stays with the upper jaw.
-    mid_poly = np.polyfit(ul, vl, 4)  # a U with steep corners: a parabola misses by ~1 px
+    lower_poly = np.polyfit(ul, vl, 4)  # a U with steep corners: a parabola misses by ~1 px
     u_lo, u_hi = float(min(ul.min(), uu.min())), float(max(ul.max(), uu.max()))
     rest_gap = max(float(vl[5] - vu[5]), 0.0)
     inner_half = (max(-u_lo, 2.0), max(u_hi, 2.0))
@@ -308,7 +311,7 @@ def _build_rig(lm: np.ndarray, width: int, height: int, max_open: float) -> _Rig
     outer_half = (max(-float(cu), inner_half[0]), max(float(cu2), inner_half[1]))
 
     ou, ov = local(lm[FACE_OVAL])
-    ov_rel = ov - np.polyval(mid_poly, np.clip(ou, u_lo, u_hi))
+    ov_rel = ov - np.polyval(lower_poly, np.clip(ou, u_lo, u_hi))
     # Face-oval width where the lips meet: the oval points nearest that height.
     left = ou < 0
     def side_width(mask: np.ndarray) -> float:
@@ -324,31 +327,46 @@ def _build_rig(lm: np.ndarray, width: int, height: int, max_open: float) -> _Rig
     chin_poly = np.polyfit(chin_u, chin_v, deg)
 
     nu, nv = local(lm[[_SUBNASALE]])
-    nose = max(-(float(nv[0]) - float(np.polyval(mid_poly, np.clip(nu[0], u_lo, u_hi)))), 3.0)
+    nose = max(-(float(nv[0]) - float(np.polyval(lower_poly, np.clip(nu[0], u_lo, u_hi)))), 3.0)
     chin = max(float(np.polyval(chin_poly, 0.0)), 6.0)
     _, lv = local(lm[[_OUTER_LOWER]])
-    lip = max(float(lv[0]) - float(np.polyval(mid_poly, 0.0)), 2.0)
+    lip = max(float(lv[0]) - float(np.polyval(lower_poly, 0.0)), 2.0)
 
     # The region that may change, in local coordinates, then as an image box.
     jaw = max_open * mouth_width
     margin = 0.15 * mouth_width
-    u0, u1 = -face_half[0] - margin, face_half[1] + margin
-    v0 = -nose - margin
-    v1 = chin + jaw + 0.6 * chin + margin
-    corners = np.array([[u0, v0], [u1, v0], [u0, v1], [u1, v1]])
-    pts = origin + corners[:, :1] * eu + corners[:, 1:] * ev
-    x0, y0 = np.floor(pts.min(0)).astype(int)
-    x1, y1 = np.ceil(pts.max(0)).astype(int) + 1
-    x0, y0 = max(int(x0), 0), max(int(y0), 0)
-    x1, y1 = min(int(x1), width), min(int(y1), height)
+
+    def image_box(u0: float, v0: float, u1: float, v1: float) -> tuple[int, int, int, int]:
+        corners = np.array([[u0, v0], [u1, v0], [u0, v1], [u1, v1]])
+        pts = origin + corners[:, :1] * eu + corners[:, 1:] * ev
+        bx0, by0 = np.floor(pts.min(0)).astype(int)
+        bx1, by1 = np.ceil(pts.max(0)).astype(int) + 1
+        return max(int(bx0), 0), max(int(by0), 0), min(int(bx1), width), min(int(by1), height)
+
+    nose_v = float(nv[0])
+    # Below the chin the drop fades out over 0.6 chin (see _warp), after a drop of <= jaw.
+    bottom = float(np.polyval(lower_poly, 0.0)) + 1.6 * chin + jaw + margin
+    x0, y0, x1, y1 = image_box(-face_half[0] - margin, nose_v - margin, face_half[1] + margin, bottom)
     if x1 - x0 < 4 or y1 - y0 < 4:
         return None
+    # Where the opening can be painted (widest spread, highest lift, deepest drop),
+    # relative to the region box, so painting touches only this small part.
+    reach = 1.0 + max_spread
+    mx0, my0, mx1, my1 = image_box(
+        -outer_half[0] * reach - 3.0, float(vl.min()) - max_lift * jaw - 3.0,
+        outer_half[1] * reach + 3.0, float(vl.max()) + jaw + 3.0,
+    )
+    mouth = (
+        min(max(mx0 - x0, 0), x1 - x0), min(max(my0 - y0, 0), y1 - y0),
+        min(max(mx1 - x0, 0), x1 - x0), min(max(my1 - y0, 0), y1 - y0),
+    )
     return _Rig(
         box=(x0, y0, x1, y1),
+        mouth=mouth,
         origin=(float(origin[0]), float(origin[1])),
         eu=(float(eu[0]), float(eu[1])),
         ev=(float(ev[0]), float(ev[1])),
-        mid_poly=mid_poly.astype(np.float32),
+        lower_poly=lower_poly.astype(np.float32),
         rest_gap=rest_gap,
         u_lo=u_lo,
         u_hi=u_hi,
@@ -359,6 +377,7 @@ def _build_rig(lm: np.ndarray, width: int, height: int, max_open: float) -> _Rig
         chin_lo=float(chin_u.min()),
         chin_hi=float(chin_u.max()),
         nose=nose,
+        nose_v=nose_v,
         chin=chin,
         lip=lip,
         mouth_width=mouth_width,
@@ -366,7 +385,8 @@ def _build_rig(lm: np.ndarray, width: int, height: int, max_open: float) -> _Rig
 
 
 def _sstep(x: np.ndarray) -> np.ndarray:
-    """Smoothstep of an array already scaled to 0..1 (clipped here), in place."""
+    """Smoothstep of an array already scaled to 0..1 (clipped here, in place: pass a
+    temporary)."""
     np.clip(x, 0.0, 1.0, out=x)
     return x * x * (3.0 - 2.0 * x)
 
@@ -389,7 +409,7 @@ class CpuMouthEngine(LipSyncEngine):
 
     * ``max_open``: the jaw drop at full opening, as a fraction of the mouth width.
     * ``upper_lip``: how far the upper lip lifts, as a fraction of the jaw drop.
-    * ``spread`` / ``round``: how far the corners move out for "ee" / in for "oo", as a
+    * ``spread`` / ``pucker``: how far the corners move out for "ee" / in for "oo", as a
       fraction of half the mouth width.
     * ``teeth``: draw the hint of upper teeth in the opening.
     """
@@ -404,7 +424,7 @@ class CpuMouthEngine(LipSyncEngine):
         max_open: float = 0.3,
         upper_lip: float = 0.2,
         spread: float = 0.12,
-        round: float = 0.3,  # noqa: A002 - the option's name on the command line
+        pucker: float = 0.3,
         teeth: bool = True,
         smooth_landmarks: float = 1.0,
         analysis: AnalysisConfig | None = None,
@@ -419,7 +439,7 @@ class CpuMouthEngine(LipSyncEngine):
         self.max_open = float(max_open)
         self.upper_lip = float(upper_lip)
         self.spread = float(spread)
-        self.round = float(round)
+        self.pucker = float(pucker)
         self.teeth = bool(teeth)
         self.smooth_landmarks = float(smooth_landmarks)
         self.analysis = analysis or AnalysisConfig()
@@ -428,7 +448,10 @@ class CpuMouthEngine(LipSyncEngine):
     # ---- interface ----
     def prepare(self, avatar: Avatar) -> None:
         lm = _smooth_landmarks(np.asarray(avatar.landmarks, np.float64), self.smooth_landmarks)
-        rigs = [_build_rig(lm[i], avatar.width, avatar.height, self.max_open) for i in range(avatar.num_frames)]
+        rigs = [
+            _build_rig(lm[i], avatar.width, avatar.height, self.max_open, self.upper_lip, self.spread)
+            for i in range(avatar.num_frames)
+        ]
         faces = sum(r is not None for r in rigs)
         if faces == 0:
             log.warning("avatar %s has no usable face: the cpu engine will show it unchanged", avatar.name)
@@ -472,11 +495,11 @@ class CpuMouthEngine(LipSyncEngine):
         dy = prep.ys[y0:y1, None] - np.float32(oy)
         U = dx * np.float32(eux) + dy * np.float32(euy)
         V = dx * np.float32(evx) + dy * np.float32(evy)
-        Vp = V - _polyval(rig.mid_poly, np.clip(U, rig.u_lo, rig.u_hi))
+        Vp = V - _polyval(rig.lower_poly, np.clip(U, rig.u_lo, rig.u_hi))
 
         jaw = float(f.open) * self.max_open * rig.mouth_width  # px
         width = float(np.clip(f.width - 0.3 * f.open, -1.0, 1.0))
-        k = self.spread if width > 0 else self.round
+        k = self.spread if width > 0 else self.pucker
         right = U > 0
         outer = np.where(right, np.float32(rig.outer_half[1]), np.float32(rig.outer_half[0]))
         corner = [width * k * h for h in rig.outer_half]  # corner shift, + outwards
@@ -502,32 +525,41 @@ class CpuMouthEngine(LipSyncEngine):
         chin_v = _polyval(rig.chin_poly, np.clip(U, rig.chin_lo, rig.chin_hi))
         fade = 1.0 - _sstep((Vp - chin_v - jaw * 0.9 * pc) / np.float32(0.6 * rig.chin))
         dv_low = jaw * prof * fade
-        # Lip side: the upper lip lifts, fading out towards the nose.
-        dv_up = top * _sstep(1.0 + (Vp - top) / np.float32(rig.nose))
+        # Lip side: the upper lip lifts, fading out towards the nose. Beside the mouth v'
+        # follows the raised corners, so also fade by plain height: nothing at or above
+        # the nose base moves.
+        half = 0.5 * rig.rest_gap
+        up = max(rig.nose - half, 2.0)
+        below_nose = _sstep((V - np.float32(rig.nose_v)) / np.float32(0.35 * up))
+        dv_up = top * _sstep(1.0 + (Vp - top) / np.maximum(top + np.float32(rig.nose), 1.0)) * below_nose
         dv = np.where(Vp >= bot, dv_low, np.where(Vp <= top, dv_up, Vp))
 
         # Corners in or out, dragging the cheeks, fading out to the face oval.
         au = aU / outer
         hx = np.where(au <= 1.0, au, 1.0 - _sstep((aU - outer) / (face - outer)))
-        # ...over a band covering both lips (v' is measured from the lower inner lip).
-        half = 0.5 * rig.rest_gap
-        band = half + rig.lip * 1.3
-        gy = 1.0 - _sstep((np.abs(Vp + np.float32(half)) - band) / np.float32(max(rig.nose, band)))
+        # ...over a band covering both lips, fading out at the nose base and towards the
+        # chin (v' is measured from the lower inner lip; vc from mid-mouth).
+        vc = Vp + np.float32(half)
+        band = min(rig.lip * 1.3, 0.5 * up)
+        gy_up = 1.0 - _sstep((-vc - band) / np.float32(up - band))
+        gy_down = 1.0 - _sstep((vc - band) / np.float32(max(0.8 * rig.chin - band, 1.0)))
+        gy = np.where(vc < 0, gy_up * below_nose, gy_down)
         du = np.sign(U) * hx * gy * np.where(right, np.float32(corner[1]), np.float32(corner[0]))
 
         # Zero motion at the edges of the box, so the region drops back in seamlessly.
-        h, w = dv.shape
-        du *= self._edge_window(h, w)
-        dv *= self._edge_window(h, w)
+        window = self._edge_window(*dv.shape)
+        du *= window
+        dv *= window
 
         map_x = (dx + np.float32(ox)) - du * np.float32(eux) - dv * np.float32(evx)
         map_y = (dy + np.float32(oy)) - du * np.float32(euy) - dv * np.float32(evy)
         warped = cv2.remap(
-            np.asarray(frame), map_x.astype(np.float32), map_y.astype(np.float32),
-            interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE,
+            np.asarray(frame), map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
         )
         if jaw > 0.5:
-            self._paint_cavity(warped, U, Vp, p, top, bot, jaw, rig, f)
+            mx0, my0, mx1, my1 = rig.mouth
+            m = (slice(my0, my1), slice(mx0, mx1))
+            self._paint_cavity(warped[m], U[m], Vp[m], p[m], top[m], bot[m], rig, f)
         out[y0:y1, x0:x1] = warped
 
     @staticmethod
@@ -548,46 +580,39 @@ class CpuMouthEngine(LipSyncEngine):
         p: np.ndarray,
         top: np.ndarray,
         bot: np.ndarray,
-        jaw: float,
         rig: _Rig,
         f: MouthFeature,
     ) -> None:
-        gap = bot - top
+        """Paint the opening into ``img`` (the mouth box of the warped region, in place)."""
+        g = bot - top  # the opening's height at each pixel's column
         edge = 1.1  # px of soft edge
-        inside = np.minimum(Vp - top, bot - Vp)  # px inside the opening, < 0 outside
-        alpha = inside / edge + 0.5
-        np.clip(alpha, 0.0, 1.0, out=alpha)
+        depth_px = Vp - top  # px below the upper lip
+        inside = np.minimum(depth_px, bot - Vp)  # px inside the opening, < 0 outside
+        a = inside / edge + 0.5
+        np.clip(a, 0.0, 1.0, out=a)
         # At the very corners, where the gap is thinner than a pixel, fade out.
-        alpha *= np.clip(gap / 1.5, 0.0, 1.0)
-        ys, xs = np.nonzero(inside > -2.5)
-        if ys.size == 0:
-            return
-        sl = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
-        a = alpha[sl]
+        a *= np.clip(g / 1.5, 0.0, 1.0)
         # The lips' inner rims sit in the mouth's shadow.
-        rim = np.clip(1.0 + inside[sl] / 2.5, 0.0, 1.0) * np.clip(gap[sl] / 3.0, 0.0, 1.0)
-        g = gap[sl]
-        depth_px = Vp[sl] - top[sl]  # px below the upper lip
+        rim = np.clip(1.0 + inside / 2.5, 0.0, 1.0) * np.clip(g / 3.0, 0.0, 1.0)
         tau = np.clip(depth_px / np.maximum(g, _EPS), 0.0, 1.0)  # 0 top .. 1 bottom
-        ps = p[sl]
-        shade = 0.35 + 0.65 * ps  # darker towards the corners
+        shade = 0.35 + 0.65 * p  # darker towards the corners
 
         # Dark red-brown interior, darkest in the shadow under the upper lip and teeth.
         light = 0.45 + 0.4 * tau
         col = np.array([74.0, 27.0, 24.0], np.float32) * (light * shade)[..., None]
         # The tongue: a duller pink whose surface arches up in the middle of a wide opening.
-        surface = 0.95 - 0.3 * ps
-        tongue = _sstep((tau - surface) / 0.25) * np.clip((g - 4.0) / 10.0, 0.0, 1.0) * _sstep((ps - 0.4) / 0.5)
-        tongue_col = np.array([118.0, 52.0, 50.0], np.float32) * (0.55 + 0.45 * ps)[..., None]
+        surface = 0.95 - 0.3 * p
+        tongue = _sstep((tau - surface) / 0.25) * np.clip((g - 4.0) / 10.0, 0.0, 1.0) * _sstep((p - 0.4) / 0.5)
+        tongue_col = np.array([118.0, 52.0, 50.0], np.float32) * (0.55 + 0.45 * p)[..., None]
         col += (tongue_col - col) * (0.7 * tongue)[..., None]
 
         if self.teeth:
-            col = self._paint_teeth(col, U[sl], depth_px, g, ps, shade, rig, f)
+            col = self._paint_teeth(col, U, depth_px, g, p, shade, rig, f)
 
-        patch = img[sl].astype(np.float32)
+        patch = img.astype(np.float32)
         patch *= (1.0 - 0.3 * rim)[..., None]
         patch += (col - patch) * a[..., None]
-        img[sl] = np.clip(patch + 0.5, 0, 255).astype(np.uint8)
+        img[...] = np.clip(patch + 0.5, 0, 255).astype(np.uint8)
 
     @staticmethod
     def _paint_teeth(
