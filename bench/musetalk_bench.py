@@ -221,6 +221,14 @@ def main(argv: list[str] | None = None) -> None:
              + ("" if cuda else "; CPU: batch 1 only"))
     print_table(title, ["batch", "frames/s", "render ms", "features ms", "UNet ms", "VAE decode ms",
                         "paste-back ms", "ring write ms", "TFLOP/s", "25 fps sessions"], rows)
+    print_table("MuseTalk model facts", ["what", "value"], [
+        ["UNet parameters (real musetalk.json, meta device)",
+         f"{params:,} ({'as expected' if params == MUSETALK_UNET_PARAMETERS else 'expected 849,947,844'})"],
+        ["GFLOP per frame counted: UNet step", f"{unet_gflop:.1f}"],
+        ["GFLOP per frame counted: VAE decode", f"{vae_gflop:.1f}"],
+        ["GFLOP per frame, nominal (TFLOP/s column)", f"{NOMINAL_GFLOP_PER_FRAME:.0f}"],
+        ["device / dtype / iterations per batch", f"{name} / {dtype} / {iters} (+{warmup} warm-up)"],
+    ])
     best = max(rows, key=lambda r: r[-1])
     log.info("\none %s holds %d speaking sessions at 25 fps (batch %d, features included)", name, best[-1], best[0])
 

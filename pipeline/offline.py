@@ -27,6 +27,7 @@ import numpy as np
 
 from avatars.avatar import load_avatar
 from pipeline.engines import LipSyncEngine, RenderItem, create_engine
+from pipeline.audio_decode import AudioDecodeError, decode_audio
 from pipeline.messages import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 
 log = logging.getLogger(__name__)
@@ -34,31 +35,13 @@ log = logging.getLogger(__name__)
 CHUNK_SECONDS = 1.0  # PCM handed to the feature stream at a time
 
 
-class AudioFileError(ValueError):
-    pass
-
-
-def decode_audio_file(path: Path | str) -> np.ndarray:
-    """The first audio stream of ``path`` as float32 mono at 16 kHz (PyAV; no ffmpeg binary)."""
+def decode_audio_file(path: Path | str, max_seconds: float = 3600.0) -> np.ndarray:
+    """The first audio stream of ``path`` as float32 mono at 16 kHz."""
     try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise AudioFileError(f"{path}: not a readable audio file ({exc})") from None
-    with container:
-        if not container.streams.audio:
-            raise AudioFileError(f"{path}: no audio stream")
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        chunks: list[np.ndarray] = []
-        try:
-            for frame in container.decode(container.streams.audio[0]):
-                chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
-            chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
-        except av.error.FFmpegError as exc:
-            raise AudioFileError(f"{path}: the audio could not be decoded ({exc})") from None
-    pcm = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
-    if pcm.size == 0:
-        raise AudioFileError(f"{path}: no audio samples")
-    return pcm
+        pcm = decode_audio(path, max_seconds=max_seconds)
+    except AudioDecodeError as exc:
+        raise AudioDecodeError(f"{path}: {exc}") from None
+    return pcm.astype(np.float32) / 32768.0
 
 
 class _Mp4Writer:

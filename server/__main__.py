@@ -24,6 +24,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--engine", default=env("LIPSYNC_ENGINE", "cpu"), help=f"lip-sync engine: {', '.join(engine_names())} ('auto' takes MuseTalk where a GPU and its weights are present) or package.module:Class")
     p.add_argument("--musetalk-version", default=env("LIPSYNC_MUSETALK_VERSION", "v15"), choices=["v15", "v1"])
     p.add_argument("--tts", default=env("LIPSYNC_TTS", "espeak"), help="TTS backend: espeak (offline) or edge")
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra engine option, repeatable (musetalk: device=cuda dtype=bf16 max_batch=32 compile=true)")
+    p.add_argument("--tts-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra TTS backend option, repeatable (espeak: rate=175 pitch=50; edge: rate=+10%% proxy=http://...)")
     p.add_argument("--voice", default=env("LIPSYNC_VOICE"), help="TTS voice (espeak: en-us, de, fr...; edge: en-US-AriaNeural...)")
     p.add_argument("--ice-server", action="append", default=[u for u in (env("LIPSYNC_ICE_SERVERS") or "").split(",") if u],
                    help="STUN/TURN URL for the server's peer connections (repeatable; env LIPSYNC_ICE_SERVERS, comma-separated); default: none, host candidates only")
@@ -31,12 +35,35 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--log-level", default=env("LIPSYNC_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine_options = {"version": a.musetalk_version} if a.engine in ("musetalk", "auto") else {}
-    tts_options = {"voice": a.voice} if a.voice else {}
+    engine_options: dict[str, object] = {"version": a.musetalk_version} if a.engine in ("musetalk", "auto") else {}
+    engine_options.update(_options(p, "--engine-option", a.engine_option))
+    tts_options: dict[str, object] = {"voice": a.voice} if a.voice else {}
+    tts_options.update(_options(p, "--tts-option", a.tts_option))
     return ServerConfig(
         host=a.host, port=a.port, data_dir=a.data_dir.resolve(), avatar=a.avatar, engine=a.engine,
         engine_options=engine_options, tts=a.tts, tts_options=tts_options, max_sessions=a.max_sessions, ice_servers=a.ice_server,
     )
+
+
+def _options(p: argparse.ArgumentParser, flag: str, items: list[str]) -> dict[str, object]:
+    """KEY=VALUE pairs; integers, floats and true/false become numbers and booleans."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"{flag} takes KEY=VALUE, got {item!r}")
+        parsed: object = value
+        if value.lower() in ("true", "false"):
+            parsed = value.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    parsed = kind(value)
+                    break
+                except ValueError:
+                    pass
+        out[key] = parsed
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,7 +30,7 @@ def resolve_in_data(data_dir: Path, given: str, field: str) -> Path:
 
 
 def _id(body: dict, name: str) -> str:
-    value = field_str(body, name, max_len=64)
+    value = field_str(body, name, max_len=64, allow_int=True)
     assert value is not None
     if not ID_RE.match(value):
         raise ApiError(400, ErrorCode.INVALID_FIELD, f"field '{name}' may hold only letters, digits, '_', '-' and '.' (1-64), got {value!r}")

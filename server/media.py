@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 FRAME_S = 1.0 / FPS
 AUDIO_FRAME_S = 0.02
-AUDIO_SAMPLES = int(SAMPLE_RATE * AUDIO_FRAME_S)  # 320 at 16 kHz; aiortc resamples to 48 kHz for Opus
+AUDIO_SAMPLES = int(SAMPLE_RATE * AUDIO_FRAME_S)  # 320 at 16 kHz
+OPUS_RATE = 48_000
+UPSAMPLE = OPUS_RATE // SAMPLE_RATE
 VIDEO_CLOCK = 90_000
 MAX_LATE_S = 0.08  # a video track this late skips ahead rather than fall further behind
 KEEP_FRAMES = 50  # decided frames kept for the slower track
@@ -218,6 +220,32 @@ class AvatarVideoTrack(MediaStreamTrack):
         return frame
 
 
+class Upsampler:
+    """16 kHz -> 48 kHz, 20 ms in, exactly 20 ms out, with one millisecond of delay.
+
+    aiortc's Opus encoder would resample too, but it buffers to whole 960-sample frames
+    and so sends every frame 20 ms late; this short windowed-sinc interpolator keeps its
+    state between frames instead, and leaves aiortc only the mono-to-stereo copy.
+    """
+
+    def __init__(self, factor: int = UPSAMPLE, half_width: int = 16, cutoff: float = 0.9) -> None:
+        self.factor = factor
+        n = np.arange(-half_width * factor, half_width * factor + 1)
+        # cutoff below the input's Nyquist frequency, so 7-8 kHz does not fold into images
+        taps = np.sinc(cutoff * n / factor) * np.kaiser(n.size, 8.0)
+        self.taps = (taps * factor / taps.sum()).astype(np.float32)
+        self.delay = half_width * factor  # output samples of delay: 48 at 48 kHz = 1 ms
+        self._history = np.zeros(self.taps.size - 1, np.float32)
+
+    def __call__(self, pcm: np.ndarray) -> np.ndarray:
+        stuffed = np.zeros(pcm.size * self.factor, np.float32)
+        stuffed[:: self.factor] = pcm
+        padded = np.concatenate([self._history, stuffed])
+        self._history = padded[-(self.taps.size - 1) :]
+        out = np.convolve(padded, self.taps, mode="valid")
+        return np.clip(out, -32768, 32767).astype(np.int16)
+
+
 class AvatarAudioTrack(MediaStreamTrack):
     kind = "audio"
 
@@ -225,7 +253,8 @@ class AvatarAudioTrack(MediaStreamTrack):
         super().__init__()
         self.player = player
         self._m = 0
-        self._time_base = fractions.Fraction(1, SAMPLE_RATE)
+        self._time_base = fractions.Fraction(1, OPUS_RATE)
+        self._upsample = Upsampler()
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live" or self.player.closed:
@@ -235,8 +264,9 @@ class AvatarAudioTrack(MediaStreamTrack):
         await self.player.wait_until(m * AUDIO_FRAME_S)
         half = m % 2
         pcm = self.player.frame(m // 2).audio[half * AUDIO_SAMPLES : (half + 1) * AUDIO_SAMPLES]
-        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = SAMPLE_RATE
-        frame.pts = m * AUDIO_SAMPLES
+        out = self._upsample(pcm.astype(np.float32))
+        frame = av.AudioFrame.from_ndarray(out.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = OPUS_RATE
+        frame.pts = m * out.size
         frame.time_base = self._time_base
         return frame

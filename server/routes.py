@@ -11,7 +11,7 @@ from aiohttp import WSMsgType, web
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
 from avatars.avatar import AvatarNotFound, InvalidAvatarName
-from server.audio_decode import AudioDecodeError, decode_audio
+from pipeline.audio_decode import AudioDecodeError, decode_audio
 from server.errors import ApiError, ErrorCode, field_bool, field_int, field_session, field_str, ok, read_json
 from server.state import AppState
 

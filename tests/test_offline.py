@@ -9,7 +9,8 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.offline import AudioFileError, generate_video, main
+from pipeline.audio_decode import AudioDecodeError
+from pipeline.offline import generate_video, main
 from tests.musetalk_fixtures import make_avatar, speech_like
 
 
@@ -87,10 +88,10 @@ def test_cli_writes_the_mp4_and_reports_failures_in_one_line(data: Path, tmp_pat
     (tmp_path / "bad.wav").write_bytes(b"not audio")
     assert main(["--data-dir", str(data), "--avatar", "astro", "--audio", str(tmp_path / "bad.wav"),
                  "--out", str(tmp_path / "x.mp4"), "--engine", "cpu"]) == 1
-    assert "AudioFileError" in caplog.text
+    assert "AudioDecodeError" in caplog.text
 
 
 def test_unreadable_audio_is_refused_before_any_work(tmp_path: Path) -> None:
     (tmp_path / "bad.wav").write_bytes(b"RIFF....garbage")
-    with pytest.raises(AudioFileError):
+    with pytest.raises(AudioDecodeError):
         generate_video(tmp_path, "astro", tmp_path / "bad.wav", tmp_path / "out.mp4", engine_name="cpu")

@@ -1,7 +1,9 @@
-"""Uploaded audio (wav, mp3, ogg, m4a, ...) to 16 kHz mono int16 with PyAV (no ffmpeg binary needed)."""
+"""Audio files (wav, mp3, ogg, m4a, flac, ...) to 16 kHz mono int16 with PyAV (no ffmpeg
+binary needed): uploads to /humanaudio and offline generation both come through here."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import av
 import numpy as np
@@ -13,11 +15,11 @@ class AudioDecodeError(ValueError):
     pass
 
 
-def decode_audio(data: bytes, max_seconds: float = 600.0) -> np.ndarray:
-    """All of ``data``'s first audio stream as int16 mono at 16 kHz."""
+def decode_audio(source: bytes | Path | str, max_seconds: float = 600.0) -> np.ndarray:
+    """All of the first audio stream of ``source`` (file bytes or a path) as int16 mono at 16 kHz."""
     try:
-        container = av.open(io.BytesIO(data), mode="r")
-    except (av.error.FFmpegError, ValueError) as exc:
+        container = av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source), mode="r")
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
         raise AudioDecodeError(f"not a readable audio file: {exc}") from None
     with container:
         streams = container.streams.audio
