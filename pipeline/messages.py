@@ -55,6 +55,24 @@ class Interrupt:
 
 
 @dataclass(frozen=True)
+class GenerateVideo:
+    """Offline job: lip-sync ``audio_path`` onto ``avatar`` into ``out_path`` (mp4), with
+    the worker's engine, between real-time batches."""
+
+    job_id: str
+    avatar: str
+    audio_path: str
+    out_path: str
+
+
+@dataclass(frozen=True)
+class ForgetAvatar:
+    """The avatar was prepared again: load it afresh for new sessions and jobs."""
+
+    avatar: str
+
+
+@dataclass(frozen=True)
 class Shutdown:
     pass
 
@@ -102,6 +120,14 @@ class WorkerError:
     session_id: str
     message: str
     utterance_id: str = ""
+
+
+@dataclass(frozen=True)
+class JobDone:
+    job_id: str
+    ok: bool
+    result: dict = field(default_factory=dict)  # frames, duration, path
+    error: str = ""
 
 
 @dataclass(frozen=True)

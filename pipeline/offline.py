@@ -19,15 +19,16 @@ import math
 import os
 import sys
 import time
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
 import av
 import numpy as np
 
-from avatars.avatar import load_avatar
-from pipeline.engines import LipSyncEngine, RenderItem, create_engine
+from avatars.avatar import Avatar, load_avatar
 from pipeline.audio_decode import AudioDecodeError, decode_audio
+from pipeline.engines import LipSyncEngine, RenderItem, create_engine
 from pipeline.messages import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 
 log = logging.getLogger(__name__)
@@ -99,13 +100,32 @@ def generate_video(
     otherwise ``engine_name`` is created for this call and closed after it.
     Returns ``{"frames", "duration", "path"}`` (duration in seconds, = frames / 25).
     """
-    started = time.monotonic()
-    data_dir, out_path = Path(data_dir), Path(out_path)
-    pcm = decode_audio_file(audio_path)
-    total = math.ceil(pcm.size / SAMPLES_PER_FRAME)
-    avatar = load_avatar(data_dir, avatar_name)
     own = engine is None
-    engine = engine or create_engine(engine_name, data_dir, **(engine_options or {}))
+    engine = engine or create_engine(engine_name, Path(data_dir), **(engine_options or {}))
+    try:
+        steps = iter_generate_video(data_dir, avatar_name, audio_path, out_path, engine)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+    finally:
+        if own:
+            engine.close()
+
+
+def iter_generate_video(
+    data_dir: Path | str, avatar: Avatar | str, audio_path: Path | str, out_path: Path | str, engine: LipSyncEngine
+) -> Generator[int, None, dict[str, Any]]:
+    """The work of ``generate_video`` one batch at a time: yields the frames done so far
+    after each batch and returns the result. The inference worker runs offline jobs this
+    way, between real-time batches, with the engine (and weights) it already holds."""
+    started = time.monotonic()
+    out_path = Path(out_path)
+    pcm = decode_audio_file(audio_path)  # bad audio is refused before any other work
+    total = math.ceil(pcm.size / SAMPLES_PER_FRAME)
+    if isinstance(avatar, str):
+        avatar = load_avatar(Path(data_dir), avatar)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.stem + ".part" + out_path.suffix)
     try:
@@ -132,9 +152,11 @@ def generate_video(
                 while len(pending) >= batch:
                     render(pending[:batch])
                     del pending[:batch]
+                    yield done
             pending.extend(stream.flush())
             for start in range(0, len(pending), batch):
                 render(pending[start : start + batch])
+                yield done
             if done != total:
                 # the engine's stream must give one feature per 40 ms; never drop audio
                 log.warning("engine %s gave %d frames for %d; showing idle frames for the rest", engine.name, done, total)
@@ -148,12 +170,9 @@ def generate_video(
         finally:
             writer.close()
         os.replace(tmp, out_path)
-    except BaseException:
+    except BaseException:  # GeneratorExit too: a cancelled job leaves no partial file
         tmp.unlink(missing_ok=True)
         raise
-    finally:
-        if own:
-            engine.close()
     result = {"frames": total, "duration": total / FPS, "path": str(out_path)}
     log.info("wrote %s: %d frames (%.2f s) with %s in %.1f s",
              out_path, total, total / FPS, engine.name, time.monotonic() - started)

@@ -27,8 +27,11 @@ from pipeline.messages import (
     SAMPLES_PER_FRAME,
     AudioChunk,
     CloseSession,
+    ForgetAvatar,
     FrameReady,
+    GenerateVideo,
     Interrupt,
+    JobDone,
     OpenSession,
     SessionOpened,
     Shutdown,
@@ -105,6 +108,7 @@ class WorkerLoop:
         self.render_seconds = 0.0
         self.biggest_batch = 0
         self._last_stats = time.monotonic()
+        self.jobs: deque[tuple[str, Any]] = deque()  # (job id, step generator), oldest first
 
     # ---- messages ----
     def handle(self, msg: Any) -> bool:
@@ -117,6 +121,10 @@ class WorkerLoop:
             self._on_open(msg)
         elif isinstance(msg, CloseSession):
             self._on_close(msg)
+        elif isinstance(msg, GenerateVideo):
+            self._on_job(msg)
+        elif isinstance(msg, ForgetAvatar):
+            self.avatars.pop(msg.avatar, None)
         elif isinstance(msg, Shutdown):
             return False
         else:
@@ -147,6 +155,32 @@ class WorkerLoop:
             old.ring.close()
         self.sessions[msg.session_id] = _Session(msg.session_id, avatar, ring)
         self.outbox.put(SessionOpened(msg.session_id, ok=True))
+
+    def _on_job(self, msg: GenerateVideo) -> None:
+        from pipeline.offline import iter_generate_video  # PyAV muxing; only jobs need it
+
+        try:
+            steps = iter_generate_video(self.data_dir, self._avatar(msg.avatar), msg.audio_path, msg.out_path, self.engine)
+        except Exception as exc:
+            self.outbox.put(JobDone(msg.job_id, ok=False, error=str(exc)))
+            return
+        self.jobs.append((msg.job_id, steps))
+
+    def step_job(self) -> bool:
+        """Advance the oldest offline job by one batch; False when there is none."""
+        if not self.jobs:
+            return False
+        job_id, steps = self.jobs[0]
+        try:
+            next(steps)
+        except StopIteration as done:
+            self.jobs.popleft()
+            self.outbox.put(JobDone(job_id, ok=True, result=done.value))
+        except Exception as exc:  # the job fails, the worker and its sessions carry on
+            log.warning("offline job %s failed: %s", job_id, exc)
+            self.jobs.popleft()
+            self.outbox.put(JobDone(job_id, ok=False, error=f"{type(exc).__name__}: {exc}"))
+        return True
 
     def _on_close(self, msg: CloseSession) -> None:
         session = self.sessions.pop(msg.session_id, None)
@@ -259,6 +293,9 @@ class WorkerLoop:
             self.outbox.put(WorkerStats(self.frames_rendered, self.batches, self.render_seconds, self.biggest_batch))
 
     def close(self) -> None:
+        for _job_id, steps in self.jobs:
+            steps.close()
+        self.jobs.clear()
         for s in self.sessions.values():
             s.ring.close()
         self.sessions.clear()
@@ -273,8 +310,10 @@ class WorkerLoop:
                 # and exiting lets the server's resource tracker free its segments.
                 log.warning("server process %d is gone; worker exiting", parent)
                 return
-            busy = self.has_work()
-            timeout = FULL_WAIT_S if busy else IDLE_WAIT_S
+            if self.has_work():
+                timeout = FULL_WAIT_S
+            else:
+                timeout = 0.0 if self.jobs else IDLE_WAIT_S
             try:
                 msg = inbox.get(timeout=timeout)
             except queue.Empty:
@@ -286,11 +325,16 @@ class WorkerLoop:
                 except queue.Empty:
                     msg = None
             if running:
-                while self.render_batch():
+                rendered = 0
+                while n := self.render_batch():
+                    rendered += n
                     # Keep rendering while slots are free, but look at the inbox between
                     # batches so an interrupt is never stuck behind a long render queue.
                     if not inbox.empty():
                         break
+                if not rendered:
+                    # Offline jobs get the engine only when no live session can use it.
+                    self.step_job()
                 self.maybe_stats()
 
 

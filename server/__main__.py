@@ -9,9 +9,12 @@ from pathlib import Path
 
 from aiohttp import web
 
+from avatars.avatar import AvatarNotFound, InvalidAvatarName
+from pipeline.client import WorkerStartError
 from pipeline.engines import engine_names
 from server.app import create_app
 from server.config import ServerConfig
+from tts.base import TTSError
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -78,6 +81,10 @@ def main(argv: list[str] | None = None) -> None:
         web.run_app(create_app(config), host=config.host, port=config.port, print=None)
     except KeyboardInterrupt:
         pass
+    except (WorkerStartError, AvatarNotFound, InvalidAvatarName, TTSError, ValueError, OSError) as exc:
+        # Start-up problems the user can fix: say what and how, without a traceback.
+        logging.getLogger("server").error("cannot start: %s", exc)
+        sys.exit(2)
     sys.exit(0)
 
 

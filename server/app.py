@@ -7,7 +7,7 @@ import logging
 
 from aiohttp import web
 
-from avatars.avatar import load_avatar
+from avatars.avatar import AvatarNotFound, load_avatar
 from pipeline.client import WorkerClient
 from pipeline.worker import WorkerConfig
 from server.config import ServerConfig
@@ -23,7 +23,12 @@ log = logging.getLogger(__name__)
 
 async def _prepare_default_avatar(config: ServerConfig) -> None:
     if config.avatar != "default":
-        load_avatar(config.data_dir, config.avatar)  # fail at start-up, not at the first /offer
+        try:
+            load_avatar(config.data_dir, config.avatar)  # fail at start-up, not at the first /offer
+        except AvatarNotFound as exc:
+            raise AvatarNotFound(
+                f"{exc}; prepare it with: python -m avatars prepare --name {config.avatar} --source VIDEO_OR_PHOTO --data-dir {config.data_dir}"
+            ) from None
         return
     from avatars.default import ensure_default_avatar
 

@@ -46,10 +46,20 @@ class AudioPacket:
 
 
 @dataclass
+class VideoPacket:
+    """The last RTP packet of a video frame (marker bit) as it arrived: the frame is
+    complete on the wire, before aiortc's receiver holds it for the next frame's start."""
+
+    t: float
+    pts: int  # 90 kHz, counted from the first packet
+
+
+@dataclass
 class Received:
     video: list[ReceivedVideo] = field(default_factory=list)
     audio: list[ReceivedAudio] = field(default_factory=list)
     audio_packets: list[AudioPacket] = field(default_factory=list)
+    video_packets: list[VideoPacket] = field(default_factory=list)
 
 
 class ApiFailure(RuntimeError):
@@ -110,8 +120,10 @@ class AvatarClient:
         return self.session_id
 
     def _tap_audio_packets(self) -> None:
-        """Decode each audio packet on arrival with our own Opus decoder, so timings can be
-        taken before aiortc's fixed 80 ms audio playout buffer as well as after it."""
+        """Time packets as they arrive, before aiortc's receive buffers: audio packets are
+        decoded with our own Opus decoder (aiortc plays them out 80 ms later), and video
+        frames are timed by their last packet (aiortc releases a frame only when the next
+        one starts, 40 ms later at 25 fps)."""
         import av
 
         assert self.pc is not None
@@ -137,6 +149,20 @@ class AvatarClient:
             await original(packet, arrival_time_ms)
 
         receiver._handle_rtp_packet = tapped
+
+        video = next(r for r in self.pc.getReceivers() if r.track and r.track.kind == "video")
+        video_original = video._handle_rtp_packet
+        video_first: list[int] = []
+        frames = self.received.video_packets
+
+        async def video_tapped(packet: Any, arrival_time_ms: int) -> None:
+            if not video_first:
+                video_first.append(packet.timestamp)
+            if packet.marker:
+                frames.append(VideoPacket(time.monotonic(), (packet.timestamp - video_first[0]) % (1 << 32)))
+            await video_original(packet, arrival_time_ms)
+
+        video._handle_rtp_packet = video_tapped
 
     async def _read_video(self, track: Any) -> None:
         n = 0

@@ -78,14 +78,7 @@ async def gen(request: web.Request) -> web.Response:
         raise ApiError(404, ErrorCode.UNKNOWN_AVATAR, f"avatar {streamer!r} is not prepared: call /digital_human/preprocess first") from None
     out = Path(state.config.data_dir).resolve() / "outputs" / user_id / f"{request_id}_{chunk_id}.mp4"
     out.parent.mkdir(parents=True, exist_ok=True)
-    from pipeline.offline import generate_video
-
-    try:
-        result = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: generate_video(state.config.data_dir, streamer, audio, out, engine_name=state.offline_engine)
-        )
-    except ValueError as exc:
-        raise ApiError(400, ErrorCode.UNSUPPORTED_AUDIO, f"could not render {audio.name}: {exc}") from None
+    result = await state.sessions.generate_video(streamer, audio, out)
     return web.json_response(
         {
             "code": 0, "msg": "ok", "user_id": user_id, "request_id": request_id,

@@ -22,8 +22,11 @@ from pipeline.messages import (
     SAMPLE_RATE,
     AudioChunk,
     CloseSession,
+    ForgetAvatar,
     FrameReady,
+    GenerateVideo,
     Interrupt,
+    JobDone,
     OpenSession,
     SessionOpened,
     WorkerError,
@@ -258,6 +261,7 @@ class SessionManager:
         self.worker_stats: WorkerStats | None = None
         self._idle_yuv: dict[str, dict[int, np.ndarray | None]] = {}
         self.video_frames_skipped = 0  # by sessions already closed
+        self._jobs: dict[str, asyncio.Future] = {}
 
     def idle_yuv(self, avatar_name: str) -> dict[int, np.ndarray | None]:
         return self._idle_yuv.setdefault(avatar_name, {})
@@ -265,6 +269,25 @@ class SessionManager:
     def forget_avatar(self, avatar_name: str) -> None:
         """The avatar was prepared again: drop what was cached from the old frames."""
         self._idle_yuv.pop(avatar_name, None)
+        if self.worker is not None:
+            self.worker.send(ForgetAvatar(avatar_name))
+
+    async def generate_video(self, avatar: str, audio_path: Path, out_path: Path) -> dict[str, Any]:
+        """An offline mp4 rendered by the worker, with the engine and weights it already
+        holds, in the gaps between live sessions' batches."""
+        if self.worker is None or not self.worker.alive:
+            raise ApiError(503, ErrorCode.WORKER_UNAVAILABLE, "the inference worker is not running; try again in a moment")
+        job_id = secrets.token_hex(8)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._jobs[job_id] = future
+        self.worker.send(GenerateVideo(job_id, avatar, str(audio_path), str(out_path)))
+        try:
+            done: JobDone = await future
+        finally:
+            self._jobs.pop(job_id, None)
+        if not done.ok:
+            raise ApiError(400, ErrorCode.UNSUPPORTED_AUDIO, f"could not render {audio_path.name}: {done.error}")
+        return done.result
 
     def attach_worker(self, worker: WorkerClient) -> None:
         self.worker = worker
@@ -348,10 +371,17 @@ class SessionManager:
                 session.on_worker_error(msg)
             else:
                 log.error("worker: %s", msg.message)
+        elif isinstance(msg, JobDone):
+            future = self._jobs.get(msg.job_id)
+            if future is not None and not future.done():
+                future.set_result(msg)
         elif isinstance(msg, WorkerStats):
             self.worker_stats = msg
 
     async def on_worker_restart(self) -> None:
+        for job_id, future in list(self._jobs.items()):
+            if not future.done():
+                future.set_result(JobDone(job_id, ok=False, error="the inference worker restarted during the job; send it again"))
         for session in list(self.sessions.values()):
             session.on_worker_lost()
             self.worker.send(

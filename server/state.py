@@ -21,12 +21,6 @@ class AppState:
     recordings: dict[str, Path] = field(default_factory=dict)
 
     @property
-    def offline_engine(self) -> str:
-        """/digital_human/gen renders in the server process, so it uses the CPU engine unless
-        MuseTalk was asked for (its weights then load a second time, in this process)."""
-        return self.config.engine if self.config.engine in ("cpu", "musetalk") else "cpu"
-
-    @property
     def recordings_dir(self) -> Path:
         return Path(self.config.data_dir) / "recordings"
 

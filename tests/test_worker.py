@@ -120,3 +120,42 @@ def test_session_with_no_speech_costs_no_rendering(loop) -> None:
     worker.open_session("idle")
     assert worker.render_batch() == 0
     assert worker.frames_rendered == 0
+
+
+def test_offline_job_waits_for_live_sessions_then_writes_the_mp4(loop, tmp_path) -> None:
+    import av
+
+    from pipeline.messages import GenerateVideo, JobDone
+    from tests.media_analysis import wav_bytes
+
+    worker, outbox = loop
+    audio = tmp_path / "a.wav"
+    audio.write_bytes(wav_bytes(np.frombuffer(speech(0.5), np.int16).astype(np.float32) / 32768))
+    worker.handle(GenerateVideo("job1", "default", str(audio), str(tmp_path / "out.mp4")))
+    worker.open_session("live")
+    worker.handle(AudioChunk("live", 0, "u", speech(0.2), final=True))
+    assert worker.render_batch() > 0  # live frames first; the run loop steps jobs only when this is 0
+    while worker.render_batch():
+        pass
+    while worker.step_job():
+        pass
+    done = [m for m in outbox if isinstance(m, JobDone)]
+    assert len(done) == 1 and done[0].ok, done
+    assert done[0].result["frames"] == int(np.ceil(0.5 * 25))
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == done[0].result["frames"]
+
+
+def test_failed_offline_job_reports_and_leaves_the_worker_running(loop, tmp_path) -> None:
+    from pipeline.messages import GenerateVideo, JobDone
+
+    worker, outbox = loop
+    (tmp_path / "bad.wav").write_bytes(b"not audio at all")
+    worker.handle(GenerateVideo("job2", "default", str(tmp_path / "bad.wav"), str(tmp_path / "x.mp4")))
+    worker.handle(GenerateVideo("job3", "nobody", str(tmp_path / "bad.wav"), str(tmp_path / "y.mp4")))
+    while worker.step_job():
+        pass
+    done = {m.job_id: m for m in outbox if isinstance(m, JobDone)}
+    assert not done["job2"].ok and "audio" in done["job2"].error
+    assert not done["job3"].ok and "not prepared" in done["job3"].error
+    assert not (tmp_path / "x.mp4").exists()

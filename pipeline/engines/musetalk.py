@@ -90,7 +90,7 @@ def pick_device(name: str) -> torch.device:
         raise EngineUnavailable(
             "MuseTalk needs a CUDA GPU to run in real time and torch sees none "
             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); the CPU engine serves "
-            "this machine (pass device=cpu to force MuseTalk onto the CPU, far slower than real time)"
+            "this machine (pass --engine-option device=cpu to force MuseTalk onto the CPU, far slower than real time)"
         )
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
