@@ -157,10 +157,9 @@ class SessionPlayer:
             self._decided += 1
             f = self._decide(self._decided)
             self._frames[f.index] = f
+            self._frames.pop(f.index - KEEP_FRAMES, None)  # the one frame now too old to keep
             if self.on_frame is not None:
                 self.on_frame(f)
-        for old in [k for k in self._frames if k < self._decided - KEEP_FRAMES]:
-            del self._frames[old]
         found = self._frames.get(n)
         if found is None:  # asked for a frame older than we keep: show the oldest kept
             found = self._frames[min(self._frames)]
