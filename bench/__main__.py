@@ -10,6 +10,7 @@ BENCHES = {
     "cpu": ("bench.cpu_engine_bench", "CPU engine frames/s at 512x512 and 1280x720"),
     "realtime": ("bench.realtime_bench", "latency, interrupt, A/V offset and session capacity at a WebRTC client"),
     "musetalk": ("bench.musetalk_bench", "MuseTalk frames/s by batch, ms per stage, TFLOP/s (GPU when present)"),
+    "browser": ("bench.browser_bench", "the same latency and sync figures as headless Chromium plays them (needs playwright)"),
 }
 
 
