@@ -17,7 +17,7 @@ BENCHES = {
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
-    name = argv.pop(0) if argv and not argv[0].startswith("-") else "all"
+    name = argv.pop(0) if argv and (not argv[0].startswith("-") or argv[0] in ("-h", "--help")) else "all"
     if name in ("-h", "--help") or (name not in BENCHES and name != "all"):
         print("usage: python -m bench [" + "|".join([*BENCHES, "all"]) + "] [options]")
         for key, (_mod, what) in BENCHES.items():
