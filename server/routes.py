@@ -92,25 +92,19 @@ async def humanecho(request: web.Request) -> web.WebSocketResponse:
                 if msg.type == WSMsgType.BINARY:
                     await ws.send_json({"event": "error", "code": int(ErrorCode.INVALID_FIELD), "msg": "send text messages, not binary"})
                 continue
-            text, interrupt = msg.data, False
-            if text.lstrip().startswith("{"):
-                try:
-                    body = json.loads(text)
-                    if not isinstance(body, dict):
-                        raise ApiError(400, ErrorCode.INVALID_JSON, "a JSON message must be an object")
-                    text = _text(body, state)
-                    interrupt = field_bool(body, "interrupt")
-                except json.JSONDecodeError as exc:
-                    await ws.send_json({"event": "error", "code": int(ErrorCode.INVALID_JSON), "msg": f"invalid JSON message: {exc}"})
-                    continue
-                except ApiError as exc:
-                    await ws.send_json({"event": "error", "code": int(exc.code), "msg": exc.msg})
-                    continue
-            if not text.strip():
-                await ws.send_json({"event": "error", "code": int(ErrorCode.EMPTY_TEXT), "msg": "empty message: send something to say"})
+            # A message is plain text to speak, or {"text": ..., "interrupt": ...}; both go
+            # through the same checks as POST /human.
+            try:
+                body = json.loads(msg.data) if msg.data.lstrip().startswith("{") else {"text": msg.data}
+                if not isinstance(body, dict):
+                    raise ApiError(400, ErrorCode.INVALID_JSON, "a JSON message must be an object")
+                text = _text(body, state)
+                interrupt = field_bool(body, "interrupt")
+            except json.JSONDecodeError as exc:
+                await ws.send_json({"event": "error", "code": int(ErrorCode.INVALID_JSON), "msg": f"invalid JSON message: {exc}"})
                 continue
-            if len(text) > state.config.max_text_chars:
-                await ws.send_json({"event": "error", "code": int(ErrorCode.INVALID_FIELD), "msg": f"message too long ({len(text)} > {state.config.max_text_chars} characters)"})
+            except ApiError as exc:
+                await ws.send_json({"event": "error", "code": int(exc.code), "msg": exc.msg})
                 continue
             if session.closed:
                 break

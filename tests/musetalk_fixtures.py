@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from avatars.avatar import Avatar, save_avatar
+from models.vae import SCALING_FACTOR, SD_VAE_FT_MSE_CONFIG
 from models.weights import models_dir, record_in_manifest
 
 TINY_UNET_CONFIG = {
@@ -41,19 +42,14 @@ TINY_UNET_CONFIG = {
     "sample_size": 32,
     "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
 }
+# The real sd-vae-ft-mse architecture, only narrower and shallower, so the layout
+# (block types, channels in and out, latent size) cannot drift from the product's.
 TINY_VAE_CONFIG = {
-    "_class_name": "AutoencoderKL",
-    "act_fn": "silu",
+    **SD_VAE_FT_MSE_CONFIG,
     "block_out_channels": [8, 16, 16, 16],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
     "layers_per_block": 1,
     "norm_num_groups": 8,
-    "out_channels": 3,
-    "sample_size": 256,
-    "scaling_factor": 0.18215,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "scaling_factor": SCALING_FACTOR,
 }
 #: openai-whisper ModelDimensions: tiny's encoder, a toy decoder
 TINY_WHISPER_DIMS = {
