@@ -1,8 +1,5 @@
 """Face landmarks from MediaPipe's face mesh, whose model ships inside the mediapipe wheel
 (0.10.21), so avatars can be prepared with no download.
-
-Also the mouth-opening measure that the tests and the benchmark apply to *output*
-frames: an independent detector looking at what the client receives.
 """
 from __future__ import annotations
 
@@ -85,15 +82,3 @@ def iter_landmarks(frames: Iterable[np.ndarray], video: bool = True) -> Iterator
     with FaceMeshDetector(video=video) as det:
         for f in frames:
             yield det(f)
-
-
-def face_scale(lm: np.ndarray) -> float:
-    """A size that does not move with the mouth: forehead-to-nose-tip distance."""
-    return float(np.linalg.norm(lm[FOREHEAD] - lm[NOSE_TIP]))
-
-
-def mouth_opening(lm: np.ndarray) -> float:
-    """Inner-lip gap over face scale; NaN when there is no face."""
-    if not np.isfinite(lm[0, 0]):
-        return float("nan")
-    return float(np.linalg.norm(lm[UPPER_INNER_LIP] - lm[LOWER_INNER_LIP]) / max(face_scale(lm), 1e-6))

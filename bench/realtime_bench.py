@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 from bench.table import print_table
-from server.client import AvatarClient, Received
+from tests.support.client import AvatarClient, Received
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ async def measure_latency(url: str, trials: int) -> dict[str, list[float]]:
 async def measure_sync(url: str) -> tuple[float, int]:
     """Correlation of mouth opening (independent face mesh on received frames) with the
     speech envelope, and the best lag in frames (+ = video late)."""
-    from tests.media_analysis import best_lag_correlation, envelope, mouth_series, speech_span
+    from tests.support.media_analysis import best_lag_correlation, envelope, mouth_series, speech_span
 
     async with AvatarClient(url) as client:
         await client.connect()

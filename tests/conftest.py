@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from server.client import AvatarClient
+from tests.support.client import AvatarClient
 
 pytestmark = pytest.mark.slow
 

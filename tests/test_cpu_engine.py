@@ -11,10 +11,11 @@ from scipy.signal import lfilter
 
 from avatars.avatar import Avatar, save_avatar
 from avatars.default import ensure_default_avatar
-from avatars.landmarks import CHIN, FACE_OVAL, NOSE_TIP, FaceMeshDetector, mouth_opening
+from avatars.landmarks import CHIN, FACE_OVAL, NOSE_TIP, FaceMeshDetector
 from pipeline.engines import RenderItem, create_engine
 from pipeline.engines.cpu_mouth import CpuMouthEngine, MouthFeature
-from pipeline.messages import SAMPLE_RATE, SAMPLES_PER_FRAME
+from media.timing import SAMPLE_RATE, SAMPLES_PER_FRAME
+from tests.support.mouth import mouth_opening
 
 MIN_CORRELATION = 0.6
 MAX_LAG_FRAMES = 1

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.client import AvatarClient
+from tests.support.client import AvatarClient
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from tests.media_analysis import wav_bytes
+from tests.support.media_analysis import wav_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.client import AvatarClient
-from tests.media_analysis import (
+from tests.support.client import AvatarClient
+from tests.support.mouth import lower_face
+from tests.support.media_analysis import (
     best_lag_correlation,
     envelope,
     mouth_series,
@@ -23,10 +24,6 @@ pytestmark = pytest.mark.slow
 SENTENCE = "Hello there. I am a digital human, and my lips move with every word I say."
 LONG = " ".join(["This is a long sentence that keeps going so that there is time to interrupt it."] * 4)
 
-
-def lower_face(image: np.ndarray) -> np.ndarray:
-    # the default avatar's mouth sits near (222, 145) in a 512x512 frame
-    return image[120:190, 180:270].astype(np.float32)
 
 
 def shm_names() -> set[str]:

@@ -25,7 +25,7 @@ from avatars.musetalk_material import (  # noqa: E402
 )
 from pipeline.engines import RenderItem  # noqa: E402
 from pipeline.engines.musetalk import MuseTalkEngine  # noqa: E402
-from tests.musetalk_fixtures import astronaut_with_landmarks, make_avatar, speech_like, write_tiny_checkpoints  # noqa: E402
+from tests.support.musetalk_fixtures import astronaut_with_landmarks, make_avatar, speech_like, write_tiny_checkpoints  # noqa: E402
 
 FAST = {"whisper_hop_s": 0.5, "whisper_left_s": 1.0, "whisper_right_s": 0.5}
 

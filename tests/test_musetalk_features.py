@@ -19,7 +19,7 @@ from models.whisper_features import (  # noqa: E402
     resolve_step,
     window_indices,
 )
-from tests.musetalk_fixtures import speech_like, whisper_checkpoint  # noqa: E402
+from tests.support.musetalk_fixtures import speech_like, whisper_checkpoint  # noqa: E402
 
 FAST = StreamConfig(hop=25, left=50, right=25)  # fewer encoder passes: quick on 2 CPU cores
 

@@ -21,7 +21,7 @@ from models.vae import SCALING_FACTOR, decode_latents, encode_faces, load_vae  #
 from models.weights import MissingWeights, WeightSpec, check_weights, models_dir  # noqa: E402
 from models.whisper_features import load_whisper_encoder, mel_filters  # noqa: E402
 from pipeline.engines import EngineUnavailable, create_engine  # noqa: E402
-from tests.musetalk_fixtures import TINY_WHISPER_DIMS, whisper_checkpoint, write_tiny_checkpoints  # noqa: E402
+from tests.support.musetalk_fixtures import TINY_WHISPER_DIMS, whisper_checkpoint, write_tiny_checkpoints  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.audio_decode import AudioDecodeError
 from pipeline.offline import generate_video, main
-from tests.musetalk_fixtures import make_avatar, speech_like
+from tests.support.musetalk_fixtures import make_avatar, speech_like
 
 
 def _write_wav(path: Path, pcm: np.ndarray, rate: int = 16_000, channels: int = 1) -> Path:
@@ -54,7 +54,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_musetalk_mp4_has_a_frame_for_every_40ms_of_audio_and_matching_duration(data: Path, tmp_path: Path) -> None:
     pytest.importorskip("diffusers")
     from pipeline.engines.musetalk import MuseTalkEngine
-    from tests.musetalk_fixtures import write_tiny_checkpoints
+    from tests.support.musetalk_fixtures import write_tiny_checkpoints
 
     write_tiny_checkpoints(data, versions=("v15",))
     samples = 16_000 + 100  # 25.16 frames of audio: the last partial frame must not be dropped

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.client import AvatarClient
+from tests.support.client import AvatarClient
 
 pytestmark = pytest.mark.slow
 

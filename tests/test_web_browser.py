@@ -23,18 +23,9 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = os.environ.get("LIPSYNC_CHROMIUM", "/usr/bin/chromium")
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+
 SCREENSHOT = Path(os.environ.get("LIPSYNC_WEB_SCREENSHOT", "/tmp/webrtcapi.png"))
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--autoplay-policy=no-user-gesture-required",
-]
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium (or set LIPSYNC_CHROMIUM)", allow_module_level=True)

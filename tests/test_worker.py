@@ -126,7 +126,7 @@ def test_offline_job_waits_for_live_sessions_then_writes_the_mp4(loop, tmp_path)
     import av
 
     from pipeline.messages import GenerateVideo, JobDone
-    from tests.media_analysis import wav_bytes
+    from tests.support.media_analysis import wav_bytes
 
     worker, outbox = loop
     audio = tmp_path / "a.wav"

@@ -8,14 +8,15 @@ from pathlib import Path
 import av
 import numpy as np
 
-from pipeline.messages import SAMPLE_RATE
+from media.pcm import Pcm
+from media.timing import SAMPLE_RATE
 
 
 class AudioDecodeError(ValueError):
     pass
 
 
-def decode_audio(source: bytes | Path | str, max_seconds: float = 600.0) -> np.ndarray:
+def decode_audio(source: bytes | Path | str, max_seconds: float = 600.0) -> Pcm:
     """All of the first audio stream of ``source`` (file bytes or a path) as int16 mono at 16 kHz."""
     try:
         container = av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source), mode="r")

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from avatars.landmarks import FaceMeshDetector, mouth_opening
-from server.client import Received
-
-FRAME_S = 0.04
-VIDEO_CLOCK = 90_000
+from avatars.landmarks import FaceMeshDetector
+from media.timing import FRAME_S, SAMPLE_RATE, frame_of_video_pts
+from tests.support.client import Received
+from tests.support.mouth import mouth_opening
 
 
 def audio_track(received: Received) -> tuple[np.ndarray, int]:
@@ -35,7 +34,7 @@ def envelope(received: Received) -> np.ndarray:
 
 
 def video_index(pts: int) -> int:
-    return int(round(pts / (VIDEO_CLOCK * FRAME_S)))
+    return frame_of_video_pts(pts)
 
 
 def mouth_series(received: Received, start: int = 0, stop: int | None = None) -> dict[int, float]:
@@ -73,7 +72,7 @@ def speech_span(env: np.ndarray, threshold: float = 0.01) -> tuple[int, int] | N
     return (int(idx[0]), int(idx[-1])) if idx.size else None
 
 
-def wav_bytes(pcm: np.ndarray, rate: int = 16_000) -> bytes:
+def wav_bytes(pcm: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
     import io
     import wave
 
