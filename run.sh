@@ -3,7 +3,8 @@
 #
 #   ./run.sh              set up (virtual environment + install), then serve on :8010
 #                         with the default avatar and the CPU engine
-#   ./run.sh test [ARGS]  set up with the test extras, then run the whole test suite
+#   ./run.sh test [ARGS]  set up with the test extras, then lint (ruff), type-check (mypy) and run
+#                         the whole test suite (ARGS go to pytest)
 #   ./run.sh bench [...]  set up, then run the benchmarks (python -m bench ...)
 #
 # Idempotent: the environment is (re)installed only when pyproject.toml changes.
@@ -71,6 +72,9 @@ case "$MODE" in
     test)
         install "musetalk,dev"
         browser
+        log "ruff (lint) and mypy (types of the product and tests/support)"
+        "$PY" -m ruff check --quiet .
+        "$PY" -m mypy
         exec "$PY" -m pytest "$@"
         ;;
     bench)

@@ -54,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 a = load_avatar(data_dir, name)
                 # The listing is the command's output, so it goes to stdout, not the log.
                 sys.stdout.write(
-                    f"{name}\t{a.num_frames} frames\t{a.width}x{a.height}\t{a.fps} fps\t{a.meta.get('kind', '?')}\t{a.meta.get('source', '')}\n"
+                    f"{name}\t{a.num_frames} frames\t{a.width}x{a.height}\t{a.fps} fps\t"
+                    f"{a.meta.get('kind', '?')}\t{a.meta.get('source', '')}\n"
                 )
             return 0
         if args.command == "default":

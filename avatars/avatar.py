@@ -69,6 +69,11 @@ class Avatar:
         k = cursor % period
         return k if k < n else period - k
 
+    @property
+    def clips(self) -> list[str]:
+        """Names of the avatar's action clips, played by ``audiotype`` 1..n."""
+        return list(self.meta.get("clips", []))
+
     def has_face(self, index: int) -> bool:
         return bool(np.isfinite(self.landmarks[index, 0, 0]))
 

@@ -137,10 +137,10 @@ def close_eyes(image: np.ndarray, landmarks: np.ndarray, closure: float) -> np.n
         if eye_w < 2.0:
             continue
         reach = 0.45 * eye_w  # how far above the lid the stretched skin starts
-        x0 = max(int(math.floor(up[:, 0].min())) - 1, 0)
-        x1 = min(int(math.ceil(up[:, 0].max())) + 2, w)
-        y0 = max(int(math.floor(up[:, 1].min() - reach)) - 1, 0)
-        y1 = min(int(math.ceil(lo[:, 1].max())) + 2, h)
+        x0 = max(math.floor(up[:, 0].min()) - 1, 0)
+        x1 = min(math.ceil(up[:, 0].max()) + 2, w)
+        y0 = max(math.floor(up[:, 1].min() - reach) - 1, 0)
+        y1 = min(math.ceil(lo[:, 1].max()) + 2, h)
         if x1 <= x0 or y1 <= y0:
             continue
         xs = np.arange(x0, x1, dtype=np.float64)

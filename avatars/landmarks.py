@@ -65,7 +65,7 @@ class FaceMeshDetector:
     def close(self) -> None:
         self._mesh.close()
 
-    def __enter__(self) -> "FaceMeshDetector":
+    def __enter__(self) -> FaceMeshDetector:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,7 +1,6 @@
 """``python -m bench [cpu|realtime|musetalk|all]``: the project's benchmarks, each printing a table."""
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import sys

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
 import statistics
 import tempfile
@@ -42,11 +43,11 @@ from typing import Any
 import numpy as np
 
 from bench.realtime_bench import LONG, SHORT, SILENT
+from bench.table import print_table
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, probe_js
+from tests.support.client import Received
 from tests.support.mouth import DEFAULT_MOUTH_ROI
 from tests.support.server_process import ServerProcess
-from bench.table import print_table
-from tests.support.client import Received
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class Played:
     sources: list[tuple[float, float, float]]
 
     @classmethod
-    def from_js(cls, data: dict[str, Any]) -> "Played":
+    def from_js(cls, data: dict[str, Any]) -> Played:
         return cls([tuple(a) for a in data["audio"]], data["frames"], [tuple(a) for a in data["sources"]])
 
 
@@ -107,7 +108,7 @@ def first_loud(audio: Sequence[tuple[float, float, float]], after: float) -> flo
 def first_over(scores: Sequence[tuple[Any, float]], threshold: float) -> Any | None:
     """The key of the first score over ``threshold`` that stays over it in the next one
     too (a single odd frame is not speech)."""
-    for (key, s), (_k, nxt) in zip(scores, scores[1:]):
+    for (key, s), (_k, nxt) in itertools.pairwise(scores):
         if s > threshold and nxt > threshold:
             return key
     return None
@@ -142,7 +143,7 @@ def mouth_threshold(scores: Sequence[float]) -> float:
 def missed_callbacks(frames: Sequence[dict[str, Any]]) -> int:
     """Frames the compositor presented without a requestVideoFrameCallback seeing them."""
     counts = [f["presented"] for f in frames]
-    return sum(max(0, b - a - 1) for a, b in zip(counts, counts[1:]))
+    return sum(max(0, b - a - 1) for a, b in itertools.pairwise(counts))
 
 
 def roi_luma(image: np.ndarray) -> np.ndarray:
@@ -208,7 +209,8 @@ def summarize_stats(stats: Sequence[dict[str, Any]]) -> list[list[str]]:
         ["video decode time, average (totalDecodeTime / framesDecoded)", "", ratio(v, "totalDecodeTime", "framesDecoded")],
         ["packets received / lost", f"{plain(a, 'packetsReceived')} / {plain(a, 'packetsLost')}",
          f"{plain(v, 'packetsReceived')} / {plain(v, 'packetsLost')}"],
-        ["totalAudioEnergy / totalSamplesDuration", f"{plain(a, 'totalAudioEnergy', '{:.3f}')} / {plain(a, 'totalSamplesDuration', '{:.1f} s')}", ""],
+        ["totalAudioEnergy / totalSamplesDuration",
+         f"{plain(a, 'totalAudioEnergy', '{:.3f}')} / {plain(a, 'totalSamplesDuration', '{:.1f} s')}", ""],
         ["concealed samples (concealedSamples / totalSamplesReceived)",
          ratio(a, "concealedSamples", "totalSamplesReceived", 100.0, "{:.2f} %"), ""],
         ["RTP interarrival jitter (last report)", plain(a, "jitter", "{:.3f} s"), plain(v, "jitter", "{:.3f} s")],
@@ -274,7 +276,8 @@ class BrowserProbe:
         audio, frame = first_loud(played.audio, t0), first_mouth(played.frames, t0, self.threshold)
         log.info("say: /human answered in %.0f ms; audio %s, mouth frame %s", sent["answered"] - t0,
                  audio and f"{audio - t0:.0f} ms",
-                 frame and f"shown {frame['shown'] - t0:.0f} ms, received {(frame['received'] or t0) - t0:.0f} ms, score {frame['score']:.3f}")
+                 frame and f"shown {frame['shown'] - t0:.0f} ms, received {(frame['received'] or t0) - t0:.0f} ms, "
+                 f"score {frame['score']:.3f}")
         if audio is not None:
             figures.audio.append(audio - t0)
         released = first_loud(played.sources, t0)
@@ -399,19 +402,23 @@ def report(figures: Figures, stats: Sequence[dict[str, Any]], info: dict[str, An
         _row(f"  (the <video> element's own audio path: {element})", [x + pd for x in figures.audio_released], ""),
         _row("text -> first speaking frame shown (mouth starts to move; rVFC expectedDisplayTime)", figures.video, "<= 250 ms"),
         _row("  (that frame received: rVFC receiveTime)", figures.video_received, ""),
-        _row(f"interrupt -> silence played (RMS <= {CUT_SILENT} for {SILENCE_HOLD_MS:.0f} ms and after; WebAudio tap)", figures.silence, "<= 100 ms"),
+        _row(f"interrupt -> silence played (RMS <= {CUT_SILENT} for {SILENCE_HOLD_MS:.0f} ms and after; WebAudio tap)",
+             figures.silence, "<= 100 ms"),
         _row(f"  (the same with the aiortc bench's threshold, RMS <= {SILENT})", figures.quiet, ""),
         _row(f"  (the <video> element's own audio path: {element})", [x + pd for x in figures.silence_released], ""),
         _row("A/V offset as played (first speaking frame shown - first speaking audio played)", figures.offset, "|x| <= 40 ms", True),
-        _row("  (the same two events inside the stream, by media time: the mouth moves with the first faint sound)", figures.stream_offset, "", True),
+        _row("  (the same two events inside the stream, by media time: the mouth moves with the first faint sound)",
+             figures.stream_offset, "", True),
         _row("A/V offset added by the browser (as played - inside the stream)", [x - own for x in figures.offset], "|x| <= 40 ms", True),
         _row("  (the same with the element's own audio path)", [x - pd - own for x in figures.offset_released], "", True),
-        _row("A/V offset by Chrome's own playout clocks (estimatedPlayoutTimestamp, audio - video)", figures.chrome_offset, "|x| <= 40 ms", True),
+        _row("A/V offset by Chrome's own playout clocks (estimatedPlayoutTimestamp, audio - video)",
+             figures.chrome_offset, "|x| <= 40 ms", True),
     ]
     counts = f"{len(figures.audio)}/{len(figures.video)}/{len(figures.silence)} of {trials}"
     print_table(f"Real-time latency and sync as headless Chromium plays them (median, worst; {counts} trials)",
                 ["measure", "median", "worst", "bar"], rows)
-    stat_rows = summarize_stats(stats) + [
+    stat_rows = [
+        *summarize_stats(stats),
         ["AudioContext sampleRate / baseLatency / outputLatency",
          f"{info['sampleRate']} Hz / {info['baseLatency'] * 1000:.0f} ms / {info['outputLatency'] * 1000:.0f} ms", ""],
         ["frames presented without a requestVideoFrameCallback", "", str(missed)],

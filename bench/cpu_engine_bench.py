@@ -16,6 +16,8 @@ import numpy as np
 from avatars.avatar import Avatar, save_avatar
 from avatars.default import ensure_default_avatar
 from bench.table import print_table
+from media.pcm import to_float
+from media.timing import SAMPLE_RATE
 from pipeline.engines import RenderItem, create_engine
 from pipeline.frame_ring import FrameRing
 
@@ -39,7 +41,7 @@ def speech(seconds: float) -> np.ndarray:
         return np.concatenate(parts)
 
     pcm = asyncio.run(synth())
-    return pcm[: int(seconds * 16000)]
+    return to_float(pcm[: int(seconds * SAMPLE_RATE)])  # the engine's stream takes float PCM
 
 
 def bench_avatar(engine, avatar: Avatar, features: list, frames: int) -> tuple[float, float]:

@@ -51,7 +51,7 @@ def _random_init_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def build_models(device: torch.device, dtype: torch.dtype):
     from models.unet import MUSETALK_UNET_CONFIG, build_unet
     from models.vae import SD_VAE_FT_MSE_CONFIG, build_vae
-    from models.whisper_features import EncoderDims, WhisperAudioEncoder
+    from models.whisper import EncoderDims, WhisperAudioEncoder
     from pipeline.engines.musetalk import MuseTalkModels
 
     models = []
@@ -86,7 +86,7 @@ def synthetic_avatar(folder: Path, width: int, height: int, frames: int = 8):
     import cv2
 
     from avatars.avatar import Avatar
-    from avatars.musetalk_material import MaterialParams, MuseTalkMaterial, blend_mask, crop_box
+    from pipeline.engines.musetalk.material import MaterialParams, MuseTalkMaterial, blend_mask, crop_box
 
     rng = np.random.default_rng(0)
     pix = rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
@@ -150,10 +150,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from models.unet import MUSETALK_UNET_PARAMETERS, count_parameters
+    from models.unet import MUSETALK_UNET_PARAMETERS
     from pipeline.engines import RenderItem
     from pipeline.engines.musetalk import MuseTalkEngine, StageTimer, pick_dtype
     from pipeline.frame_ring import FrameRing
+    from tests.support.model_size import count_parameters
 
     device = torch.device(a.device)
     cuda = device.type == "cuda"

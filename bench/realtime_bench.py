@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.support.server_process import ServerProcess
 from bench.table import print_table
 from tests.support.client import AvatarClient, Received
+from tests.support.server_process import ServerProcess
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ async def _one_viewer(url: str, start_at: float, seconds: float) -> dict:
         }
 
 
-def _viewer_process(url: str, start_at: float, seconds: float, results: "mp.Queue") -> None:
+def _viewer_process(url: str, start_at: float, seconds: float, results: mp.Queue) -> None:
     """One viewer per process, as real viewers are: the measure is the server's, not
     one Python process decoding every stream under one GIL."""
     try:
@@ -228,14 +228,16 @@ async def run(args: argparse.Namespace) -> None:
             row("A/V offset decoded by aiortc (its buffers: video 40 ms, audio 80 ms)", "offset", "|x| <= 40 ms", True),
             ["A/V offset by content (mouth vs envelope, best lag)", f"{lag * 40:+d} ms", f"r = {r:.2f}", "|x| <= 40 ms, r >= 0.6"],
         ]
-        print_table(f"Real-time latency and sync at an aiortc client ({args.trials} trials each; median, worst)", ["measure", "median", "worst", "bar"], rows)
+        print_table(f"Real-time latency and sync at an aiortc client ({args.trials} trials each; median, worst)",
+                    ["measure", "median", "worst", "bar"], rows)
         cap_rows = []
         held = 0
         for n in args.sessions:
             res = await measure_capacity(server, n)
             ok = res.fps_min >= 24.5 and res.missing_frames == 0 and res.server_skipped == 0 and res.speaking_ok
             held = n if ok else held
-            cap_rows.append([n, f"{res.fps_min:.1f}", res.missing_frames, res.server_skipped, f"{res.max_gap_ms:.0f}", "yes" if ok else "no"])
+            gap = f"{res.max_gap_ms:.0f}"
+            cap_rows.append([n, f"{res.fps_min:.1f}", res.missing_frames, res.server_skipped, gap, "yes" if ok else "no"])
             if not ok and n > held + 1:
                 break
         print_table(

@@ -16,7 +16,6 @@ import logging
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import av
 import numpy as np
@@ -63,15 +62,18 @@ class Mp4Writer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.width, self.height = width + width % 2, height + height % 2
         codec, template = pick_video_codec()
-        self._container: Any = av.open(str(self.path), mode="w")
+        self._container = av.open(str(self.path), mode="w")
         try:
-            self._video: Any = self._container.add_stream(codec, rate=FPS)
-            self._video.width, self._video.height, self._video.pix_fmt = self.width, self.height, "yuv420p"
+            video = self._container.add_stream(codec, rate=FPS)
+            audio = self._container.add_stream("aac", rate=SAMPLE_RATE, layout="mono")
+            if not isinstance(video, av.VideoStream) or not isinstance(audio, av.AudioStream):
+                raise TypeError(f"PyAV made a {type(video).__name__} and a {type(audio).__name__} for video and audio")
+            video.width, video.height, video.pix_fmt = self.width, self.height, "yuv420p"
             if template:
-                self._video.options = {k: v.format(crf=crf, preset=preset) for k, v in template.items()}
+                video.options = {k: v.format(crf=crf, preset=preset) for k, v in template.items()}
             else:
-                self._video.bit_rate = _FALLBACK_BIT_RATE
-            self._audio: Any = self._container.add_stream("aac", rate=SAMPLE_RATE, layout="mono")
+                video.bit_rate = _FALLBACK_BIT_RATE
+            self._video, self._audio = video, audio
         except BaseException:
             self._container.close()
             raise

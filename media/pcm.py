@@ -27,19 +27,14 @@ def from_float(samples: npt.ArrayLike) -> Pcm:
     return np.clip(np.rint(x * FULL_SCALE), -32768, 32767).astype(np.int16)
 
 
+def saturate(samples: npt.NDArray[np.floating]) -> npt.NDArray[np.int16]:
+    """Float samples already in int16 units (a filter's output) to s16, rounded and clipped."""
+    return np.clip(np.rint(samples), -32768, 32767).astype(np.int16)
+
+
 def to_float(pcm: Pcm) -> FloatPcm:
     """``Pcm`` to float32 in -1..1 (what feature extractors take)."""
     return np.asarray(pcm, np.int16).astype(np.float32) / np.float32(FULL_SCALE)
-
-
-def as_pcm(samples: npt.ArrayLike) -> Pcm:
-    """``samples`` as ``Pcm``: int16 passes through, floats are converted."""
-    x = np.asarray(samples)
-    if x.dtype == np.int16:
-        return x.reshape(-1)
-    if np.issubdtype(x.dtype, np.floating):
-        return from_float(x)
-    raise TypeError(f"PCM must be int16 or float samples, got {x.dtype}")
 
 
 def silence(samples: int = SAMPLES_PER_FRAME) -> Pcm:
@@ -48,3 +43,42 @@ def silence(samples: int = SAMPLES_PER_FRAME) -> Pcm:
 
 SILENT_FRAME: Pcm = silence()
 SILENT_FRAME.setflags(write=False)  # shared by every idle frame: nobody may write into it
+
+
+class PcmFifo:
+    """Samples in, fixed-size pieces out, in order: the worker cuts each utterance's audio
+    into the 40 ms every frame carries. Appending and taking cost O(piece), however long
+    the utterance (no re-concatenation of what is queued)."""
+
+    def __init__(self) -> None:
+        self._chunks: list[Pcm] = []
+        self._offset = 0  # samples of _chunks[0] already taken
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, pcm: Pcm) -> None:
+        if pcm.size:
+            self._chunks.append(pcm)
+            self._size += pcm.size
+
+    def take(self, n: int) -> Pcm:
+        """The next ``n`` samples, zero-padded when fewer are queued."""
+        out = np.zeros(n, np.int16)
+        filled = 0
+        while filled < n and self._chunks:
+            head = self._chunks[0]
+            part = head[self._offset : self._offset + n - filled]
+            out[filled : filled + part.size] = part
+            filled += part.size
+            self._offset += part.size
+            if self._offset >= head.size:
+                self._chunks.pop(0)
+                self._offset = 0
+        self._size -= filled
+        return out
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._offset = self._size = 0

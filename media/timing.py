@@ -27,7 +27,3 @@ def frames_for_samples(samples: int) -> int:
     """Video frames that cover ``samples`` of audio: every sample lands in a frame."""
     return -(-samples // SAMPLES_PER_FRAME)
 
-
-def frame_of_video_pts(pts: int) -> int:
-    """The media frame index a video RTP timestamp (90 kHz, from the stream's origin) shows."""
-    return int(round(pts / VIDEO_TICKS_PER_FRAME))

@@ -2,7 +2,7 @@
 
 * ``weights``  - file layout, what each version needs, the start-up check (no torch)
 * ``download`` - ``python -m models download``: resumable, verified fetches
-* ``unet``, ``vae``, ``whisper_features``, ``positional``, ``face_parsing`` - the models,
+* ``unet``, ``vae``, ``whisper``, ``positional``, ``face_parsing`` - the models,
   loaded from the real checkpoint formats (torch imported there, not here)
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from .weights import (
     VERSIONS,
     MissingWeights,
     WeightProblem,
+    WeightsError,
     WeightSpec,
     check_weights,
     download_command,
@@ -25,6 +26,7 @@ __all__ = [
     "MissingWeights",
     "WeightProblem",
     "WeightSpec",
+    "WeightsError",
     "check_weights",
     "download_command",
     "models_dir",

@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
+from .weights import WeightsError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(WeightsError):
     """The file exists but does not hold the expected weights."""
 
 
@@ -41,14 +43,14 @@ def load_state_dict(path: Path | str) -> dict[str, Any]:
     return dict(obj)
 
 
-def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Drop a wrapper prefix (``module.`` from DataParallel) when every key has it."""
     if state and all(k.startswith(prefix) for k in state):
         return {k[len(prefix):]: v for k, v in state.items()}
     return dict(state)
 
 
-def assign_state_dict(model: torch.nn.Module, state: Mapping[str, Any], what: str, path: Path | str) -> None:
+def assign_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, path: Path | str) -> None:
     """Load ``state`` into ``model`` (built on the meta device), strictly, adopting the
     checkpoint's tensors instead of copying them. Raises CheckpointError naming the
     first mismatching keys."""

@@ -19,7 +19,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from http.client import HTTPMessage
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlparse
 
 from .weights import (
@@ -65,7 +67,8 @@ def source_url(s: WeightSpec, endpoint: str | None = None) -> str:
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str, headers: HTTPMessage,
+                         newurl: str) -> urllib.request.Request | None:
         return None  # surface the 3xx: the hub puts the file's size and hash on it
 
 
@@ -243,7 +246,9 @@ def _recorded_ok(data_dir: Path, s: WeightSpec) -> bool:
     if path is None:
         return False
     recorded = read_manifest(data_dir).get(path.relative_to(models_dir(data_dir)).as_posix())
-    return bool(recorded) and path.stat().st_size == recorded.get("size") and not structure_problem(path)
+    if not recorded:
+        return False
+    return path.stat().st_size == recorded.get("size") and not structure_problem(path)
 
 
 def _adopt(data_dir: Path, s: WeightSpec, path: Path, info: RemoteFile | None) -> bool:
@@ -255,7 +260,7 @@ def _adopt(data_dir: Path, s: WeightSpec, path: Path, info: RemoteFile | None) -
     if rel != s.local:
         log.info("%s: using the %s already present", s.description, rel)  # e.g. a .bin VAE
         return True
-    if info is None or info.size is not None and path.stat().st_size != info.size:
+    if info is None or (info.size is not None and path.stat().st_size != info.size):
         return False
     digest = sha256_of(path) if info.sha256 else None
     if info.sha256 and digest != info.sha256:
@@ -286,7 +291,7 @@ def download_weights(
             continue
         present = None if force else resolve(data_dir, s)
         is_alternative = present is not None and present.relative_to(models_dir(data_dir)).as_posix() != s.local
-        if is_alternative and _adopt(data_dir, s, present, None):  # type: ignore[arg-type]
+        if present is not None and is_alternative and _adopt(data_dir, s, present, None):
             continue
         dest = models_dir(data_dir) / s.local
         url = source_url(s, endpoint)

@@ -56,7 +56,7 @@ def read_config(path: Path | str) -> dict[str, Any]:
     return config
 
 
-def check_config(config: dict[str, Any], source: Any = "config") -> None:
+def check_config(config: dict[str, Any], source: Path | str = "config") -> None:
     """MuseTalk's data contract: 8 channels in, 4 out, 384-wide audio cross-attention."""
     got = (config.get("in_channels"), config.get("out_channels"), config.get("cross_attention_dim"))
     want = (LATENT_CHANNELS_IN, LATENT_CHANNELS_OUT, CROSS_ATTENTION_DIM)
@@ -71,11 +71,6 @@ def build_unet(config: dict[str, Any], device: str | torch.device = "meta") -> t
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device(device):
         return UNet2DConditionModel.from_config(config)
-
-
-def count_parameters(config: dict[str, Any] | None = None) -> int:
-    model = build_unet(config or MUSETALK_UNET_CONFIG, "meta")
-    return sum(p.numel() for p in model.parameters())
 
 
 def load_unet(

@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, assign_state_dict, load_state_dict
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ def weights_file(folder: Path | str) -> Path:
     raise CheckpointError(f"{folder}: no diffusion_pytorch_model.safetensors or .bin")
 
 
-def build_vae(config: dict[str, Any], device: str | torch.device = "meta") -> torch.nn.Module:
+def build_vae(config: dict[str, Any], device: str | torch.device = "meta") -> AutoencoderKL:
     from diffusers import AutoencoderKL
 
     config = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -60,9 +63,9 @@ def build_vae(config: dict[str, Any], device: str | torch.device = "meta") -> to
         return AutoencoderKL.from_config(config)
 
 
-def convert_legacy_keys(state: dict[str, Any]) -> dict[str, Any]:
+def convert_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename pre-0.14 attention keys to today's; 1x1-conv shaped weights become Linear."""
-    out: dict[str, Any] = {}
+    out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         parts = key.split(".")
         if "attentions" in parts and len(parts) >= 2 and parts[-2] in _LEGACY_ATTENTION:
@@ -73,7 +76,7 @@ def convert_legacy_keys(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_vae(folder: Path | str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_vae(folder: Path | str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     folder = Path(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -91,7 +94,7 @@ def load_vae(folder: Path | str, device: str | torch.device = "cpu", dtype: torc
     return model
 
 
-def scaling_factor(vae: torch.nn.Module) -> float:
+def scaling_factor(vae: AutoencoderKL) -> float:
     return float(getattr(vae.config, "scaling_factor", SCALING_FACTOR) or SCALING_FACTOR)
 
 
@@ -105,7 +108,7 @@ def faces_to_tensor(faces: np.ndarray, device: torch.device | str, dtype: torch.
 
 
 @torch.no_grad()
-def encode_faces(vae: torch.nn.Module, faces: np.ndarray) -> torch.Tensor:
+def encode_faces(vae: AutoencoderKL, faces: np.ndarray) -> torch.Tensor:
     """MuseTalk's UNet input for 256x256 RGB faces: (B, 8, 32, 32) = [masked, whole].
 
     Uses the posterior mean, not a sample (the reference samples, so its cached latents
@@ -117,7 +120,7 @@ def encode_faces(vae: torch.nn.Module, faces: np.ndarray) -> torch.Tensor:
     return torch.cat([masked, whole], dim=1)
 
 
-def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """(B, 4, 32, 32) UNet output -> (B, 3, 256, 256) float in [0, 255] (RGB), on device."""
     param = next(vae.parameters())
     image = vae.decode(latents.to(param.dtype) / scaling_factor(vae), return_dict=False)[0]

@@ -17,7 +17,8 @@ size, and a readable container: zip directory, safetensors header, JSON); a full
 check is ``python -m models verify``. A file that fails is reported, never replaced by
 random weights.
 
-This module imports no torch, so the check runs where torch is not installed.
+This module imports no torch, so the check runs where torch is not installed. Its errors
+are the models' own (``WeightsError``); an engine turns them into its ``EngineUnavailable``.
 """
 from __future__ import annotations
 
@@ -28,8 +29,6 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-
-from pipeline.engines.base import EngineUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +264,11 @@ def optional_present(data_dir: Path | str, key: str) -> Path | None:
     return None
 
 
-class MissingWeights(EngineUnavailable):
+class WeightsError(RuntimeError):
+    """Weight files that cannot serve: missing, damaged, or not the expected weights."""
+
+
+class MissingWeights(WeightsError):
     """Weights missing or damaged. The message names the command that fetches them."""
 
     def __init__(self, version: str, data_dir: Path | str, problems: list[WeightProblem]) -> None:
@@ -284,4 +287,10 @@ def require_weights(data_dir: Path | str, version: str) -> dict[str, Path]:
     problems = check_weights(data_dir, version)
     if problems:
         raise MissingWeights(version, data_dir, problems)
-    return {s.role: resolve(data_dir, s) for s in specs_for(version)}  # type: ignore[misc]
+    paths: dict[str, Path] = {}
+    for s in specs_for(version):
+        path = resolve(data_dir, s)
+        if path is None:  # removed since the check
+            raise MissingWeights(version, data_dir, [WeightProblem(s, models_dir(data_dir) / s.local, "missing")])
+        paths[s.role] = path
+    return paths

@@ -1,10 +1,13 @@
 """The server's handle on the inference worker process.
 
-Starts the worker with spawn, sends it messages, and hands what it sends back to the
-asyncio loop. A reader thread blocks on the result queue (so the event loop never
-does) and also notices when the worker dies; the client then starts a new one with new
-queues (a queue whose other end died holding its lock is not safe to reuse) and tells
-its owner, who re-opens the live sessions.
+Starts the worker with spawn, sends it messages, and hands what it sends back to its
+handler on the asyncio loop. A reader thread blocks on the result queue (so the event
+loop never does) and also notices when the worker dies; the client then starts a new one
+with new queues (a queue whose other end died holding its lock is not safe to reuse) and
+tells its handler, which re-opens the live sessions.
+
+``WorkerLink`` is what the server needs of a worker and ``WorkerHandler`` what a worker
+needs of the server; the server's tests put a stand-in on either side.
 """
 from __future__ import annotations
 
@@ -14,10 +17,11 @@ import multiprocessing as mp
 import queue
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from multiprocessing.process import BaseProcess
+from multiprocessing.queues import Queue
+from typing import Protocol
 
-from pipeline.messages import Shutdown, WorkerError, WorkerReady
+from pipeline.messages import FromWorker, Shutdown, ToWorker, WorkerError, WorkerReady
 from pipeline.worker import WorkerConfig, run_worker
 
 log = logging.getLogger(__name__)
@@ -29,29 +33,53 @@ class WorkerStartError(RuntimeError):
     pass
 
 
+class WorkerHandler(Protocol):
+    """The side that owns the sessions: told every message, and every restart."""
+
+    def on_worker_message(self, msg: FromWorker) -> None: ...
+
+    async def on_worker_restart(self) -> None: ...
+
+
+class WorkerLink(Protocol):
+    """What the server uses of the worker (``WorkerClient``, or a test's stand-in)."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def restarts(self) -> int: ...
+
+    @property
+    def ready_info(self) -> WorkerReady | None: ...
+
+    async def start(self) -> WorkerReady: ...
+
+    def send(self, msg: ToWorker) -> None: ...
+
+    async def stop(self, timeout: float = 5.0) -> None: ...
+
+
 class WorkerClient:
-    def __init__(
-        self,
-        config: WorkerConfig,
-        on_message: Callable[[Any], None],
-        on_restart: Callable[[], Awaitable[None]] | None = None,
-        start_timeout: float = 300.0,
-    ) -> None:
+    def __init__(self, config: WorkerConfig, handler: WorkerHandler, start_timeout: float = 300.0) -> None:
         self.config = config
-        self._on_message = on_message
-        self._on_restart = on_restart
+        self._handler = handler
         self._start_timeout = start_timeout
         self._ctx = mp.get_context("spawn")
-        self._process: mp.process.BaseProcess | None = None
-        self._inbox: Any = None
-        self._outbox: Any = None
+        self._process: BaseProcess | None = None
+        self._inbox: Queue[ToWorker] | None = None
+        self._outbox: Queue[FromWorker] | None = None
         self._reader: threading.Thread | None = None
         self._stop_reader = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready: asyncio.Future | None = None
+        self._ready: asyncio.Future[WorkerReady] | None = None
         self._closing = False
-        self.ready_info: WorkerReady | None = None
-        self.restarts = 0
+        self._ready_info: WorkerReady | None = None
+        self._restarts = 0
+        self._restart_task: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -61,39 +89,48 @@ class WorkerClient:
     def alive(self) -> bool:
         return self._process is not None and self._process.is_alive()
 
+    @property
+    def restarts(self) -> int:
+        return self._restarts
+
+    @property
+    def ready_info(self) -> WorkerReady | None:
+        return self._ready_info
+
     async def start(self) -> WorkerReady:
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
-        self._inbox = self._ctx.Queue()
-        self._outbox = self._ctx.Queue()
-        self._process = self._ctx.Process(
-            target=run_worker, args=(self.config, self._inbox, self._outbox), name="lipsync-worker", daemon=True
-        )
-        self._process.start()
+        inbox: Queue[ToWorker] = self._ctx.Queue()
+        outbox: Queue[FromWorker] = self._ctx.Queue()
+        self._inbox, self._outbox = inbox, outbox
+        process = self._ctx.Process(target=run_worker, args=(self.config, inbox, outbox), name="lipsync-worker", daemon=True)
+        self._process = process
+        process.start()
         self._stop_reader = threading.Event()
         self._reader = threading.Thread(
-            target=self._read, args=(self._process, self._outbox, self._stop_reader), name="worker-reader", daemon=True
+            target=self._read, args=(self._loop, process, outbox, self._stop_reader), name="worker-reader", daemon=True
         )
         self._reader.start()
         try:
-            self.ready_info = await asyncio.wait_for(self._ready, self._start_timeout)
+            ready = await asyncio.wait_for(self._ready, self._start_timeout)
         except asyncio.TimeoutError as exc:
             await self._kill()
             raise WorkerStartError(f"the {self.config.engine} worker did not start within {self._start_timeout:.0f} s") from exc
         except WorkerStartError:
             await self._kill()
             raise
-        log.info("worker pid %s ready: engine %s %s", self.pid, self.ready_info.engine, self.ready_info.info)
-        return self.ready_info
+        self._ready_info = ready
+        log.info("worker pid %s ready: engine %s, batches of up to %d", self.pid, ready.engine, ready.max_batch)
+        return ready
 
-    def send(self, msg: Any) -> None:
+    def send(self, msg: ToWorker) -> None:
         """Non-blocking: multiprocessing queues hand the pickling to a feeder thread."""
         if self._inbox is not None:
             self._inbox.put(msg)
 
-    def _read(self, process: Any, outbox: Any, stop: threading.Event) -> None:
-        loop = self._loop
-        assert loop is not None
+    def _read(
+        self, loop: asyncio.AbstractEventLoop, process: BaseProcess, outbox: Queue[FromWorker], stop: threading.Event
+    ) -> None:
         while not stop.is_set():
             try:
                 msg = outbox.get(timeout=READ_TIMEOUT_S)
@@ -109,7 +146,7 @@ class WorkerClient:
                 return
             loop.call_soon_threadsafe(self._dispatch, msg)
 
-    def _dispatch(self, msg: Any) -> None:
+    def _dispatch(self, msg: FromWorker) -> None:
         if self._ready is not None and not self._ready.done():
             if isinstance(msg, WorkerReady):
                 self._ready.set_result(msg)
@@ -118,11 +155,11 @@ class WorkerClient:
                 self._ready.set_exception(WorkerStartError(msg.message))
                 return
         try:
-            self._on_message(msg)
+            self._handler.on_worker_message(msg)
         except Exception:
             log.exception("handling worker message %r failed", type(msg).__name__)
 
-    def _died(self, process: Any) -> None:
+    def _died(self, process: BaseProcess) -> None:
         if self._closing or process is not self._process:
             return
         code = process.exitcode
@@ -130,12 +167,12 @@ class WorkerClient:
             self._ready.set_exception(WorkerStartError(f"the worker exited during start-up (exit code {code})"))
             return
         log.error("worker pid %s died (exit code %s); starting a new one", process.pid, code)
-        asyncio.ensure_future(self._restart())
+        self._restart_task = asyncio.ensure_future(self._restart())
 
     async def _restart(self) -> None:
         self._stop_reader.set()
-        self.restarts += 1
-        delay = min(5.0, 0.5 * self.restarts)
+        self._restarts += 1
+        delay = min(5.0, 0.5 * self._restarts)
         started = time.monotonic()
         while not self._closing:
             try:
@@ -144,9 +181,9 @@ class WorkerClient:
             except WorkerStartError as exc:
                 log.error("worker restart failed: %s; retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
-        if self._on_restart is not None and not self._closing:
+        if not self._closing:
             log.info("worker back after %.2f s", time.monotonic() - started)
-            await self._on_restart()
+            await self._handler.on_worker_restart()
 
     async def _kill(self) -> None:
         self._stop_reader.set()

@@ -14,12 +14,14 @@ queue's pipe write orders it, so the server never reads a half-written frame.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import sys
 from multiprocessing import shared_memory
 
 import numpy as np
+import numpy.typing as npt
 
 log = logging.getLogger(__name__)
 
@@ -33,34 +35,34 @@ def _attach_untracked(name: str) -> shared_memory.SharedMemory:
     belongs to the server, and a tracker in the worker would unlink it when the worker
     exits (or warn about a leak that is not one)."""
     if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]
+        return shared_memory.SharedMemory(name=name, track=False)
     from multiprocessing import resource_tracker
 
     original = resource_tracker.register
-    resource_tracker.register = lambda *args, **kwargs: None  # type: ignore[assignment]
+    setattr(resource_tracker, "register", lambda *args, **kwargs: None)  # noqa: B010 - patching a function
     try:
         return shared_memory.SharedMemory(name=name)
     finally:
-        resource_tracker.register = original  # type: ignore[assignment]
+        setattr(resource_tracker, "register", original)  # noqa: B010
 
 
 class FrameRing:
     def __init__(self, shm: shared_memory.SharedMemory, slots: int, frame_shape: tuple[int, int, int], owner: bool) -> None:
         if slots < 1 or slots > HEADER:
             raise ValueError(f"slots must be 1..{HEADER}, got {slots}")
-        self._shm = shm
+        self._shm: shared_memory.SharedMemory | None = shm
         self.name = shm.name
         self.slots = slots
         self.frame_shape = tuple(frame_shape)
         self.owner = owner
         frame_bytes = int(np.prod(frame_shape))
-        self._state = np.ndarray((slots,), np.uint8, buffer=shm.buf, offset=0)
-        self._frames = np.ndarray((slots, *frame_shape), np.uint8, buffer=shm.buf, offset=HEADER)
+        self._state: npt.NDArray[np.uint8] = np.ndarray((slots,), np.uint8, buffer=shm.buf, offset=0)
+        self._frames: npt.NDArray[np.uint8] = np.ndarray((slots, *frame_shape), np.uint8, buffer=shm.buf, offset=HEADER)
         self._next = 0
         assert HEADER + slots * frame_bytes <= shm.size
 
     @classmethod
-    def create(cls, slots: int, frame_shape: tuple[int, int, int], tag: str = "") -> "FrameRing":
+    def create(cls, slots: int, frame_shape: tuple[int, int, int], tag: str = "") -> FrameRing:
         size = HEADER + slots * int(np.prod(frame_shape))
         name = f"{NAME_PREFIX}{tag[:16]}_{secrets.token_hex(4)}" if tag else f"{NAME_PREFIX}{secrets.token_hex(6)}"
         shm = shared_memory.SharedMemory(name=name, create=True, size=size)
@@ -69,7 +71,7 @@ class FrameRing:
         return ring
 
     @classmethod
-    def attach(cls, name: str, slots: int, frame_shape: tuple[int, int, int]) -> "FrameRing":
+    def attach(cls, name: str, slots: int, frame_shape: tuple[int, int, int]) -> FrameRing:
         return cls(_attach_untracked(name), slots, frame_shape, owner=False)
 
     # ---- worker side ----
@@ -109,14 +111,12 @@ class FrameRing:
         if self._shm is None:
             return
         # Views into the buffer must go before the mmap can close.
-        self._state = self._frames = None  # type: ignore[assignment]
+        self._state = self._frames = np.zeros(0, np.uint8)
         shm, self._shm = self._shm, None
         try:
             shm.close()
         except BufferError:  # a frame view still alive somewhere; the unlink still frees it
             log.debug("ring %s closed with live views", shm.name)
         if self.owner:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 shm.unlink()
-            except FileNotFoundError:
-                pass

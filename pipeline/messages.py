@@ -1,16 +1,21 @@
 """Messages that cross the process boundary between the server and the inference worker.
 
-Only small things travel here: session ids, PCM chunks, slot numbers. Frames never do;
-they live in the session's shared-memory ring (see ``frame_ring``).
+Two closed unions, one per direction: ``ToWorker`` and ``FromWorker``. Each side
+dispatches them with ``match``, so a new message is a type error until both ends handle
+it. Only small things travel here: session ids, PCM chunks, slot numbers. Frames never
+do; they live in the session's shared-memory ring (see ``frame_ring``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TypeAlias
 
-SAMPLE_RATE = 16_000
-FPS = 25
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640: the 40 ms of audio each video frame carries
+import numpy as np
 
+from media.pcm import Pcm
+from media.timing import SAMPLE_RATE, SAMPLES_PER_FRAME
+
+FrameShape: TypeAlias = tuple[int, int, int]  # (height, width, 3), RGB uint8
 
 # ---- server -> worker -------------------------------------------------------------
 
@@ -21,7 +26,7 @@ class OpenSession:
     avatar: str
     ring_name: str
     ring_slots: int
-    frame_shape: tuple[int, int, int]  # (height, width, 3), RGB uint8
+    frame_shape: FrameShape
 
 
 @dataclass(frozen=True)
@@ -31,8 +36,11 @@ class CloseSession:
 
 @dataclass(frozen=True)
 class AudioChunk:
-    """PCM for one utterance, in order. ``pcm`` is int16 mono at 16 kHz, any length.
+    """PCM for one utterance, in order: mono s16 samples at ``sample_rate``, any length.
 
+    The worker takes only the project's own rate (``media.timing.SAMPLE_RATE``); the
+    server resamples before it sends. ``generation`` is the speech feeder's at the time
+    of sending; the worker echoes it on every frame it renders from this audio.
     ``start_cursor`` is only read on an utterance's first chunk: the avatar frame index the
     server expects to be showing when the first speaking frame is played, so speech
     continues the idle motion without a jump.
@@ -41,17 +49,22 @@ class AudioChunk:
     session_id: str
     generation: int
     utterance_id: str
-    pcm: bytes
+    pcm: Pcm
+    sample_rate: int = SAMPLE_RATE
     final: bool = False
     start_cursor: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pcm.dtype != np.int16 or self.pcm.ndim != 1:
+            raise TypeError(f"AudioChunk.pcm must be mono int16 samples, got {self.pcm.dtype} {self.pcm.shape}")
 
 
 @dataclass(frozen=True)
 class Interrupt:
-    """Drop everything queued for the session with a generation below ``generation``."""
+    """Drop everything queued or rendered-but-unsent for the session. Every chunk sent
+    before this message is older (one FIFO queue), so the worker needs no counter of its own."""
 
     session_id: str
-    generation: int
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,9 @@ class Shutdown:
     pass
 
 
+ToWorker: TypeAlias = OpenSession | CloseSession | AudioChunk | Interrupt | GenerateVideo | ForgetAvatar | Shutdown
+
+
 # ---- worker -> server -------------------------------------------------------------
 
 
@@ -84,7 +100,7 @@ class Shutdown:
 class WorkerReady:
     engine: str
     pid: int
-    info: dict = field(default_factory=dict)
+    max_batch: int
 
 
 @dataclass(frozen=True)
@@ -98,10 +114,11 @@ class SessionOpened:
 class FrameReady:
     """One rendered speaking frame sits in ``slot`` of the session's ring.
 
-    ``audio`` is exactly the 40 ms (640 samples, int16 16 kHz) that this frame shows.
+    ``audio`` is exactly the 40 ms (``SAMPLES_PER_FRAME`` samples) that this frame shows.
     ``cursor`` is the idle-loop position the frame was drawn at (``avatar_index`` =
     ``avatar.idle_index(cursor)``), so idle motion resumes where speech left it.
-    ``last`` marks the final frame of the utterance.
+    ``generation`` is the one its audio was sent with. ``last`` marks the final frame of
+    the utterance.
     """
 
     session_id: str
@@ -111,23 +128,40 @@ class FrameReady:
     slot: int
     avatar_index: int
     cursor: int
-    audio: bytes
+    audio: Pcm
     last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.audio.shape != (SAMPLES_PER_FRAME,) or self.audio.dtype != np.int16:
+            raise TypeError(f"FrameReady.audio must be {SAMPLES_PER_FRAME} int16 samples, got {self.audio.dtype} {self.audio.shape}")
 
 
 @dataclass(frozen=True)
 class WorkerError:
+    """Something failed. With a ``session_id``, that session's speech was dropped; without
+    one, the worker could not start (the message says why)."""
+
     session_id: str
     message: str
     utterance_id: str = ""
 
 
 @dataclass(frozen=True)
+class VideoResult:
+    path: str
+    frames: int
+    duration: float  # seconds, frames / FPS
+
+
+@dataclass(frozen=True)
 class JobDone:
     job_id: str
-    ok: bool
-    result: dict = field(default_factory=dict)  # frames, duration, path
+    result: VideoResult | None  # None when the job failed
     error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None
 
 
 @dataclass(frozen=True)
@@ -138,3 +172,6 @@ class WorkerStats:
     batches: int
     render_seconds: float
     max_batch: int
+
+
+FromWorker: TypeAlias = WorkerReady | SessionOpened | FrameReady | WorkerError | JobDone | WorkerStats

@@ -14,27 +14,31 @@ import os
 import queue
 import time
 from collections import deque
+from collections.abc import Generator
 from dataclasses import dataclass, field
+from multiprocessing.queues import Queue
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import Any, Generic, Protocol, TypeVar
 
 from avatars.avatar import Avatar, load_avatar
+from media.pcm import PcmFifo, to_float
+from media.timing import SAMPLE_RATE, SAMPLES_PER_FRAME
 from pipeline.engines import EngineUnavailable, FeatureStream, LipSyncEngine, RenderItem, create_engine
 from pipeline.frame_ring import FrameRing
 from pipeline.messages import (
-    SAMPLES_PER_FRAME,
     AudioChunk,
     CloseSession,
     ForgetAvatar,
     FrameReady,
+    FromWorker,
     GenerateVideo,
     Interrupt,
     JobDone,
     OpenSession,
     SessionOpened,
     Shutdown,
+    ToWorker,
+    VideoResult,
     WorkerError,
     WorkerReady,
     WorkerStats,
@@ -46,47 +50,53 @@ IDLE_WAIT_S = 0.05  # nothing to render: block on the inbox this long
 FULL_WAIT_S = 0.004  # work waiting but rings full: poll for freed slots this often
 STATS_EVERY_S = 1.0
 
+F = TypeVar("F")
+
+
+class Outbox(Protocol):
+    """Where the worker puts what it sends back (the result queue, or a test's list)."""
+
+    def put(self, msg: FromWorker) -> None: ...
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
     engine: str
     data_dir: str
-    engine_options: dict[str, Any] = field(default_factory=dict)
+    engine_options: dict[str, str | int | float | bool] = field(default_factory=dict)
     max_batch: int | None = None
     log_level: int = logging.INFO
 
 
 @dataclass
-class _Utterance:
+class _Utterance(Generic[F]):
     utterance_id: str
-    stream: FeatureStream
+    generation: int  # echoed on every frame, so the server can drop stale ones
+    stream: FeatureStream[F]
     start_cursor: int
-    pcm: bytearray = field(default_factory=bytearray)  # int16 bytes not yet handed to a frame
-    features: deque = field(default_factory=deque)
+    pcm: PcmFifo = field(default_factory=PcmFifo)  # samples not yet handed to a frame
+    features: deque[F] = field(default_factory=deque)
     produced: int = 0  # features produced so far
     sent: int = 0  # frames rendered and sent
     final: bool = False
-
-    def frame_audio(self) -> bytes:
-        """The next frame's exact 40 ms, zero-padded past the end of the utterance."""
-        nbytes = SAMPLES_PER_FRAME * 2
-        chunk = bytes(self.pcm[:nbytes])
-        del self.pcm[:nbytes]
-        return chunk.ljust(nbytes, b"\0")
 
     @property
     def done(self) -> bool:
         return self.final and self.sent == self.produced
 
+    @property
+    def end_cursor(self) -> int:
+        """Idle-loop position just after this utterance's last frame produced so far."""
+        return self.start_cursor + self.produced
+
 
 @dataclass
-class _Session:
+class _Session(Generic[F]):
     session_id: str
     avatar: Avatar
     ring: FrameRing
-    generation: int = 0
-    cursor: int = 0  # avatar frame index of the next frame to render
-    utterances: deque = field(default_factory=deque)
+    cursor: int = 0  # idle-loop position of the next frame to render
+    utterances: deque[_Utterance[F]] = field(default_factory=deque)
 
     def ready(self) -> bool:
         return bool(self.utterances) and bool(self.utterances[0].features)
@@ -94,41 +104,51 @@ class _Session:
     def in_flight(self) -> int:
         return self.ring.slots - self.ring.free_count()
 
+    def next_start(self, asked: int) -> int:
+        """Where a new utterance starts on the idle loop: where the server asked (it knows
+        what is on screen) unless earlier speech is still queued or unshown; then right
+        after that speech, so one utterance follows another without a jump."""
+        if self.utterances:
+            return self.utterances[-1].end_cursor
+        return self.cursor if self.in_flight() else asked
 
-class WorkerLoop:
-    def __init__(self, engine: LipSyncEngine, data_dir: Path, outbox: Any, max_batch: int | None = None) -> None:
+
+Job = Generator[int, None, VideoResult]
+
+
+class WorkerLoop(Generic[F]):
+    def __init__(self, engine: LipSyncEngine[F], data_dir: Path, outbox: Outbox, max_batch: int | None = None) -> None:
         self.engine = engine
         self.data_dir = Path(data_dir)
         self.outbox = outbox
         self.max_batch = max(1, max_batch or engine.max_batch)
         self.avatars: dict[str, Avatar] = {}
-        self.sessions: dict[str, _Session] = {}
+        self.sessions: dict[str, _Session[F]] = {}
         self.frames_rendered = 0
         self.batches = 0
         self.render_seconds = 0.0
         self.biggest_batch = 0
         self._last_stats = time.monotonic()
-        self.jobs: deque[tuple[str, Any]] = deque()  # (job id, step generator), oldest first
+        self.jobs: deque[tuple[str, Job]] = deque()  # (job id, steps), oldest first
 
     # ---- messages ----
-    def handle(self, msg: Any) -> bool:
+    def handle(self, msg: ToWorker) -> bool:
         """Apply one inbox message; False means shut down."""
-        if isinstance(msg, AudioChunk):
-            self._on_audio(msg)
-        elif isinstance(msg, Interrupt):
-            self._on_interrupt(msg)
-        elif isinstance(msg, OpenSession):
-            self._on_open(msg)
-        elif isinstance(msg, CloseSession):
-            self._on_close(msg)
-        elif isinstance(msg, GenerateVideo):
-            self._on_job(msg)
-        elif isinstance(msg, ForgetAvatar):
-            self.avatars.pop(msg.avatar, None)
-        elif isinstance(msg, Shutdown):
-            return False
-        else:
-            log.warning("worker ignored unknown message %r", type(msg).__name__)
+        match msg:
+            case AudioChunk():
+                self._on_audio(msg)
+            case Interrupt():
+                self._on_interrupt(msg)
+            case OpenSession():
+                self._on_open(msg)
+            case CloseSession():
+                self._on_close(msg)
+            case GenerateVideo():
+                self._on_job(msg)
+            case ForgetAvatar():
+                self.avatars.pop(msg.avatar, None)
+            case Shutdown():
+                return False
         return True
 
     def _avatar(self, name: str) -> Avatar:
@@ -162,7 +182,7 @@ class WorkerLoop:
         try:
             steps = iter_generate_video(self.data_dir, self._avatar(msg.avatar), msg.audio_path, msg.out_path, self.engine)
         except Exception as exc:
-            self.outbox.put(JobDone(msg.job_id, ok=False, error=str(exc)))
+            self.outbox.put(JobDone(msg.job_id, None, error=str(exc)))
             return
         self.jobs.append((msg.job_id, steps))
 
@@ -175,11 +195,11 @@ class WorkerLoop:
             next(steps)
         except StopIteration as done:
             self.jobs.popleft()
-            self.outbox.put(JobDone(job_id, ok=True, result=done.value))
+            self.outbox.put(JobDone(job_id, done.value))
         except Exception as exc:  # the job fails, the worker and its sessions carry on
             log.warning("offline job %s failed: %s", job_id, exc)
             self.jobs.popleft()
-            self.outbox.put(JobDone(job_id, ok=False, error=f"{type(exc).__name__}: {exc}"))
+            self.outbox.put(JobDone(job_id, None, error=f"{type(exc).__name__}: {exc}"))
         return True
 
     def _on_close(self, msg: CloseSession) -> None:
@@ -189,27 +209,25 @@ class WorkerLoop:
 
     def _on_interrupt(self, msg: Interrupt) -> None:
         session = self.sessions.get(msg.session_id)
-        if session is None:
-            return
-        session.generation = max(session.generation, msg.generation)
-        session.utterances.clear()
+        if session is not None:
+            session.utterances.clear()
 
     def _on_audio(self, msg: AudioChunk) -> None:
         session = self.sessions.get(msg.session_id)
-        if session is None or msg.generation < session.generation:
-            return  # closed, or from before an interrupt
-        session.generation = msg.generation
+        if session is None:
+            return  # closed
+        if msg.sample_rate != SAMPLE_RATE:
+            problem = f"audio at {msg.sample_rate} Hz; the worker takes {SAMPLE_RATE} Hz"
+            self.outbox.put(WorkerError(msg.session_id, problem, msg.utterance_id))
+            return
         utt = session.utterances[-1] if session.utterances else None
         if utt is None or utt.utterance_id != msg.utterance_id or utt.final:
-            # Continue the idle motion where the server says it will be, unless frames of
-            # an earlier utterance are still queued: then speech follows on from those.
-            start = msg.start_cursor if not session.utterances and session.in_flight() == 0 else session.cursor
-            utt = _Utterance(msg.utterance_id, self.engine.new_stream(), start)
+            start = session.next_start(msg.start_cursor)
+            utt = _Utterance(msg.utterance_id, msg.generation, self.engine.new_stream(), start)
             session.utterances.append(utt)
-        if msg.pcm:
-            utt.pcm.extend(msg.pcm)
-            pcm = np.frombuffer(msg.pcm, np.int16).astype(np.float32) / 32768.0
-            utt.features.extend(utt.stream.push(pcm))
+        if msg.pcm.size:
+            utt.pcm.append(msg.pcm)
+            utt.features.extend(utt.stream.push(to_float(msg.pcm)))
         if msg.final:
             utt.features.extend(utt.stream.flush())
             utt.final = True
@@ -227,7 +245,7 @@ class WorkerLoop:
             return 0
         candidates.sort(key=lambda s: s.in_flight())
         # (session, utterance, slot, offset into the utterance's pending features)
-        picks: list[tuple[_Session, _Utterance, int, int]] = []
+        picks: list[tuple[_Session[F], _Utterance[F], int, int]] = []
         taken = {s.session_id: 0 for s in candidates}
         progress = True
         while len(picks) < self.max_batch and progress:
@@ -262,17 +280,16 @@ class WorkerLoop:
                 self.outbox.put(WorkerError(s.session_id, f"render failed: {exc}"))
             return 0
         self.render_seconds += time.perf_counter() - started
-        for (s, utt, slot, _k), item in zip(picks, items):
+        for (s, utt, slot, _k), item in zip(picks, items, strict=True):
             utt.features.popleft()
             seq = utt.sent
             utt.sent += 1
             s.cursor = utt.start_cursor + utt.sent
-            last = utt.done
             s.ring.publish(slot)
             self.outbox.put(
                 FrameReady(
-                    s.session_id, s.generation, utt.utterance_id, seq, slot,
-                    item.avatar_index, utt.start_cursor + seq, utt.frame_audio(), last,
+                    s.session_id, utt.generation, utt.utterance_id, seq, slot,
+                    item.avatar_index, utt.start_cursor + seq, utt.pcm.take(SAMPLES_PER_FRAME), utt.done,
                 )
             )
         self._drop_finished()
@@ -301,7 +318,7 @@ class WorkerLoop:
         self.sessions.clear()
         self.engine.close()
 
-    def run(self, inbox: Any) -> None:
+    def run(self, inbox: Queue[ToWorker]) -> None:
         parent = os.getppid()
         running = True
         while running:
@@ -314,6 +331,7 @@ class WorkerLoop:
                 timeout = FULL_WAIT_S
             else:
                 timeout = 0.0 if self.jobs else IDLE_WAIT_S
+            msg: ToWorker | None
             try:
                 msg = inbox.get(timeout=timeout)
             except queue.Empty:
@@ -338,9 +356,10 @@ class WorkerLoop:
                 self.maybe_stats()
 
 
-def run_worker(config: WorkerConfig, inbox: Any, outbox: Any) -> None:
+def run_worker(config: WorkerConfig, inbox: Queue[ToWorker], outbox: Queue[FromWorker]) -> None:
     """Entry point of the worker process (started with spawn)."""
     logging.basicConfig(level=config.log_level, format="%(asctime)s worker[%(process)d] %(levelname)s %(name)s: %(message)s")
+    engine: LipSyncEngine[Any]
     try:
         engine = create_engine(config.engine, Path(config.data_dir), **config.engine_options)
     except (EngineUnavailable, ValueError) as exc:
@@ -348,7 +367,7 @@ def run_worker(config: WorkerConfig, inbox: Any, outbox: Any) -> None:
         outbox.put(WorkerError("", f"engine {config.engine!r} unavailable: {exc}"))
         return
     loop = WorkerLoop(engine, Path(config.data_dir), outbox, config.max_batch)
-    outbox.put(WorkerReady(engine.name, os.getpid(), {"max_batch": loop.max_batch}))
+    outbox.put(WorkerReady(engine.name, os.getpid(), loop.max_batch))
     try:
         loop.run(inbox)
     finally:

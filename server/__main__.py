@@ -22,9 +22,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p = argparse.ArgumentParser(prog="python -m server", description="Real-time lip-sync avatar server (WebRTC).")
     p.add_argument("--host", default=env("LIPSYNC_HOST", "0.0.0.0"))
     p.add_argument("--port", type=int, default=int(env("LIPSYNC_PORT", "8010")))
-    p.add_argument("--data-dir", type=Path, default=Path(env("LIPSYNC_DATA_DIR", "data")), help="avatars, weights and recordings (env LIPSYNC_DATA_DIR)")
+    p.add_argument("--data-dir", type=Path, default=Path(env("LIPSYNC_DATA_DIR", "data")),
+                   help="avatars, weights and recordings (env LIPSYNC_DATA_DIR)")
     p.add_argument("--avatar", default=env("LIPSYNC_AVATAR", "default"), help="avatar a session gets unless /offer names one")
-    p.add_argument("--engine", default=env("LIPSYNC_ENGINE", "cpu"), help=f"lip-sync engine: {', '.join(engine_names())} ('auto' takes MuseTalk where a GPU and its weights are present) or package.module:Class")
+    p.add_argument("--engine", default=env("LIPSYNC_ENGINE", "cpu"),
+                   help=f"lip-sync engine: {', '.join(engine_names())} ('auto' takes MuseTalk where a GPU and its weights "
+                   "are present) or package.module:Class")
     p.add_argument("--musetalk-version", default=env("LIPSYNC_MUSETALK_VERSION", "v15"), choices=["v15", "v1"])
     p.add_argument("--tts", default=env("LIPSYNC_TTS", "espeak"), help="TTS backend: espeak (offline) or edge")
     p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
@@ -33,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    help="extra TTS backend option, repeatable (espeak: rate=175 pitch=50; edge: rate=+10%% proxy=http://...)")
     p.add_argument("--voice", default=env("LIPSYNC_VOICE"), help="TTS voice (espeak: en-us, de, fr...; edge: en-US-AriaNeural...)")
     p.add_argument("--ice-server", action="append", default=[u for u in (env("LIPSYNC_ICE_SERVERS") or "").split(",") if u],
-                   help="STUN/TURN URL for the server's peer connections (repeatable; env LIPSYNC_ICE_SERVERS, comma-separated); default: none, host candidates only")
+                   help="STUN/TURN URL for the server's peer connections (repeatable; env LIPSYNC_ICE_SERVERS, "
+                   "comma-separated); default: none, host candidates only")
     p.add_argument("--max-sessions", type=int, default=int(env("LIPSYNC_MAX_SESSIONS", "8")))
     p.add_argument("--log-level", default=env("LIPSYNC_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)

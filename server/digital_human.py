@@ -10,8 +10,9 @@ from pathlib import Path
 from aiohttp import web
 
 from avatars.avatar import InvalidAvatarName, check_name
-from server.errors import ApiError, ErrorCode, field_str, read_json
-from server.state import AppState
+from server.errors import BadRequest, ErrorCode, NotFound, UnknownAvatar
+from server.keys import CONFIG, MANAGER
+from server.request import Body, field_str, read_json
 
 log = logging.getLogger(__name__)
 
@@ -25,64 +26,63 @@ def resolve_in_data(data_dir: Path, given: str, field: str) -> Path:
     path = Path(given)
     path = (path if path.is_absolute() else root / path).resolve()
     if path != root and root not in path.parents:
-        raise ApiError(400, ErrorCode.PATH_OUTSIDE_DATA, f"field '{field}' must name a file inside the data directory {root}, got {given!r}")
+        raise BadRequest(f"field '{field}' must name a file inside the data directory {root}, got {given!r}", ErrorCode.PATH_OUTSIDE_DATA)
     return path
 
 
-def _id(body: dict, name: str) -> str:
+def _id(body: Body, name: str) -> str:
     value = field_str(body, name, max_len=64, allow_int=True)
-    assert value is not None
     if not ID_RE.match(value):
-        raise ApiError(400, ErrorCode.INVALID_FIELD, f"field '{name}' may hold only letters, digits, '_', '-' and '.' (1-64), got {value!r}")
+        raise BadRequest(f"field '{name}' may hold only letters, digits, '_', '-' and '.' (1-64), got {value!r}")
     return value
 
 
-def _streamer(body: dict) -> str:
+def _streamer(body: Body) -> str:
     try:
         return check_name(_id(body, "streamer_id"))
     except InvalidAvatarName as exc:
-        raise ApiError(400, ErrorCode.INVALID_FIELD, str(exc)) from None
+        raise BadRequest(str(exc)) from None
 
 
 @routes.post("/digital_human/preprocess")
 async def preprocess(request: web.Request) -> web.Response:
-    state: AppState = request.app["state"]
+    config, manager = request.app[CONFIG], request.app[MANAGER]
     body = await read_json(request)
     user_id, request_id, streamer = _id(body, "user_id"), _id(body, "request_id"), _streamer(body)
-    video = resolve_in_data(state.config.data_dir, field_str(body, "video_path") or "", "video_path")
+    video = resolve_in_data(config.data_dir, field_str(body, "video_path"), "video_path")
     if not video.is_file():
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"video_path {video} does not exist")
-    from avatars.prepare import prepare_avatar
+        raise NotFound(f"video_path {video} does not exist")
+    from avatars.prepare import prepare_avatar  # MediaPipe: only this route needs it
 
     try:
-        avatar = await asyncio.get_running_loop().run_in_executor(None, prepare_avatar, state.config.data_dir, streamer, video)
+        avatar = await asyncio.get_running_loop().run_in_executor(None, prepare_avatar, config.data_dir, streamer, video)
     except ValueError as exc:
-        raise ApiError(400, ErrorCode.INVALID_FIELD, f"could not prepare an avatar from {video.name}: {exc}") from None
-    state.avatars.pop(streamer, None)  # sessions opened from now on get the new one
-    state.sessions.forget_avatar(streamer)
+        raise BadRequest(f"could not prepare an avatar from {video.name}: {exc}") from None
+    manager.forget_avatar(streamer)
     return web.json_response({"code": 0, "msg": "ok", "user_id": user_id, "request_id": request_id, "data": {"frames": avatar.num_frames}})
 
 
 @routes.post("/digital_human/gen")
 async def gen(request: web.Request) -> web.Response:
-    state: AppState = request.app["state"]
+    config, manager = request.app[CONFIG], request.app[MANAGER]
     body = await read_json(request)
     user_id, request_id, streamer = _id(body, "user_id"), _id(body, "request_id"), _streamer(body)
     chunk_id = _id(body, "chunk_id") if body.get("chunk_id") is not None else "0"
-    audio = resolve_in_data(state.config.data_dir, field_str(body, "tts_path") or "", "tts_path")
+    audio = resolve_in_data(config.data_dir, field_str(body, "tts_path"), "tts_path")
     if not audio.is_file():
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"tts_path {audio} does not exist")
+        raise NotFound(f"tts_path {audio} does not exist")
     try:
-        state.avatar(streamer)
-    except Exception:
-        raise ApiError(404, ErrorCode.UNKNOWN_AVATAR, f"avatar {streamer!r} is not prepared: call /digital_human/preprocess first") from None
-    out = Path(state.config.data_dir).resolve() / "outputs" / user_id / f"{request_id}_{chunk_id}.mp4"
+        manager.avatar(streamer)  # before any work
+    except UnknownAvatar:
+        raise UnknownAvatar(f"avatar {streamer!r} is not prepared: call /digital_human/preprocess first") from None
+    root = Path(config.data_dir).resolve()
+    out = root / "outputs" / user_id / f"{request_id}_{chunk_id}.mp4"
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = await state.sessions.generate_video(streamer, audio, out)
+    result = await manager.generate_video(streamer, audio, out)
     return web.json_response(
         {
             "code": 0, "msg": "ok", "user_id": user_id, "request_id": request_id,
-            "digital_human_mp4_path": str(Path(result["path"]).relative_to(Path(state.config.data_dir).resolve())),
-            "data": {"frames": result["frames"], "duration": result["duration"]},
+            "digital_human_mp4_path": str(Path(result.path).relative_to(root)),
+            "data": {"frames": result.frames, "duration": result.duration},
         }
     )

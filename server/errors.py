@@ -1,11 +1,16 @@
-"""API errors: every failure is JSON ``{"code": <non-zero>, "msg": "..."}`` with a 4xx/5xx status."""
+"""What can go wrong, as a client sees it: every failure is JSON
+``{"code": <non-zero>, "msg": "..."}`` and the code decides the HTTP status.
+
+Sessions, the manager and the routes raise ``LipSyncError`` subclasses that name the
+failure, not the transport; ``error_middleware`` turns them (and aiohttp's own 404/405/413)
+into responses. The WebSocket sends the same ``code``/``msg`` as an ``error`` event.
+"""
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from enum import IntEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import web
 
@@ -31,12 +36,79 @@ class ErrorCode(IntEnum):
     INTERNAL = 1500
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, code: ErrorCode, msg: str) -> None:
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_JSON: 400,
+    ErrorCode.MISSING_FIELD: 400,
+    ErrorCode.INVALID_FIELD: 400,
+    ErrorCode.EMPTY_TEXT: 400,
+    ErrorCode.UNSUPPORTED_AUDIO: 400,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.UNKNOWN_SESSION: 404,
+    ErrorCode.UNKNOWN_AVATAR: 404,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.METHOD_NOT_ALLOWED: 405,
+    ErrorCode.PATH_OUTSIDE_DATA: 400,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.TOO_MANY_SESSIONS: 503,
+    ErrorCode.WORKER_UNAVAILABLE: 503,
+    ErrorCode.TTS_FAILED: 502,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+class LipSyncError(Exception):
+    """A failure the client can act on; ``msg`` says what was wrong and how to fix it."""
+
+    default_code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
+
+    def __init__(self, msg: str, code: ErrorCode | None = None) -> None:
         super().__init__(msg)
-        self.status = status
-        self.code = code
         self.msg = msg
+        self.code = code or self.default_code
+
+    @property
+    def status(self) -> int:
+        return HTTP_STATUS[self.code]
+
+
+class BadRequest(LipSyncError):
+    """The request itself is wrong (unreadable, a field missing or invalid)."""
+
+    default_code = ErrorCode.INVALID_FIELD
+
+
+class UnknownSession(LipSyncError):
+    default_code = ErrorCode.UNKNOWN_SESSION
+
+
+class UnknownAvatar(LipSyncError):
+    default_code = ErrorCode.UNKNOWN_AVATAR
+
+
+class NotFound(LipSyncError):
+    default_code = ErrorCode.NOT_FOUND
+
+
+class Conflict(LipSyncError):
+    """The session is not in a state that allows this (already recording, ...)."""
+
+    default_code = ErrorCode.CONFLICT
+
+
+class TooManySessions(LipSyncError):
+    default_code = ErrorCode.TOO_MANY_SESSIONS
+
+
+class WorkerUnavailable(LipSyncError):
+    default_code = ErrorCode.WORKER_UNAVAILABLE
+
+
+def error_body(code: ErrorCode, msg: str) -> dict[str, Any]:
+    return {"code": int(code), "msg": msg}
+
+
+def error_response(code: ErrorCode, msg: str) -> web.Response:
+    return web.json_response(error_body(code, msg), status=HTTP_STATUS[code])
 
 
 def ok(data: Any = None, **extra: Any) -> web.Response:
@@ -47,85 +119,21 @@ def ok(data: Any = None, **extra: Any) -> web.Response:
     return web.json_response(body)
 
 
-def error_response(status: int, code: int, msg: str) -> web.Response:
-    return web.json_response({"code": int(code), "msg": msg}, status=status)
-
-
 @web.middleware
 async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.msg)
+    except LipSyncError as exc:
+        return error_response(exc.code, exc.msg)
     except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(413, ErrorCode.PAYLOAD_TOO_LARGE, f"request body too large: {exc.text}")
+        return error_response(ErrorCode.PAYLOAD_TOO_LARGE, f"request body too large: {exc.text}")
     except web.HTTPNotFound:
-        return error_response(404, ErrorCode.NOT_FOUND, f"no such route or file: {request.path}")
+        return error_response(ErrorCode.NOT_FOUND, f"no such route or file: {request.path}")
     except web.HTTPMethodNotAllowed as exc:
-        return error_response(405, ErrorCode.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.path}; use {', '.join(sorted(exc.allowed_methods))}")
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return error_response(ErrorCode.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.path}; use {allowed}")
     except web.HTTPException:
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, ErrorCode.INTERNAL, "internal server error; the server log has the details")
-
-
-async def read_json(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    if not raw:
-        raise ApiError(400, ErrorCode.INVALID_JSON, "the request body is empty: send a JSON object")
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, ErrorCode.INVALID_JSON, f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, ErrorCode.INVALID_JSON, f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
-
-
-def field_str(
-    body: dict[str, Any], name: str, required: bool = True, default: str | None = None, max_len: int = 10_000, allow_int: bool = False
-) -> str | None:
-    """A string field. ``allow_int`` takes numbers too (LiveTalking clients send numeric session ids)."""
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise ApiError(400, ErrorCode.MISSING_FIELD, f"missing field '{name}'")
-        return default
-    if isinstance(value, bool) or not isinstance(value, (str, int) if allow_int else str):
-        raise ApiError(400, ErrorCode.INVALID_FIELD, f"field '{name}' must be a string, got {type(value).__name__}")
-    value = str(value)
-    if len(value) > max_len:
-        raise ApiError(400, ErrorCode.INVALID_FIELD, f"field '{name}' is too long ({len(value)} > {max_len} characters)")
-    return value
-
-
-def field_bool(body: dict[str, Any], name: str, default: bool = False) -> bool:
-    value = body.get(name, default)
-    if isinstance(value, bool):
-        return value
-    if value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-        return value.lower() in ("true", "1")
-    raise ApiError(400, ErrorCode.INVALID_FIELD, f"field '{name}' must be true or false, got {value!r}")
-
-
-def field_int(body: dict[str, Any], name: str, required: bool = True, default: int = 0) -> int:
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise ApiError(400, ErrorCode.MISSING_FIELD, f"missing field '{name}'")
-        return default
-    if isinstance(value, bool):
-        raise ApiError(400, ErrorCode.INVALID_FIELD, f"field '{name}' must be an integer, got a boolean")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ApiError(400, ErrorCode.INVALID_FIELD, f"field '{name}' must be an integer, got {value!r}") from None
-
-
-def field_session(body: dict[str, Any]) -> str:
-    value = field_str(body, "sessionid", max_len=128, allow_int=True)
-    assert value is not None
-    return value
+        return error_response(ErrorCode.INTERNAL, "internal server error; the server log has the details")

@@ -1,30 +1,25 @@
-"""Records what a session shows and says to an H.264 + AAC mp4, encoded off the event loop."""
+"""Records what a session shows and says to an mp4, as one sink of the player's frames.
+Encoding runs on a thread of its own, so the event loop only hands frames over."""
 from __future__ import annotations
 
-import fractions
 import logging
 import queue
 import threading
 from pathlib import Path
 
-import av
-import numpy as np
-
-from pipeline.messages import FPS, SAMPLE_RATE
-from server.media import MediaFrame
+from media.mp4 import Mp4Writer
+from server.frames import MediaFrame
 
 log = logging.getLogger(__name__)
 
-AAC_RATE = 48_000
 QUEUE_FRAMES = 250  # 10 s of frames may wait for the encoder before we start dropping
+RECORDING_CRF = 23  # live recordings: smaller files than offline renders (crf 18)
 
 
 class Recorder:
     def __init__(self, path: Path, width: int, height: int) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.width = width - width % 2  # yuv420p needs even sizes
-        self.height = height - height % 2
+        self.width, self.height = width, height
         self._queue: queue.Queue[MediaFrame | None] = queue.Queue(QUEUE_FRAMES)
         self.frames = 0
         self.dropped = 0
@@ -33,6 +28,7 @@ class Recorder:
         self._thread.start()
 
     def add(self, frame: MediaFrame) -> None:
+        """A frame sink: never blocks the player."""
         try:
             self._queue.put_nowait(frame)
         except queue.Full:
@@ -48,33 +44,10 @@ class Recorder:
 
     def _run(self) -> None:
         try:
-            with av.open(str(self.path), mode="w") as container:
-                video = container.add_stream("libx264", rate=FPS)
-                video.width, video.height = self.width, self.height
-                video.pix_fmt = "yuv420p"
-                video.options = {"preset": "veryfast", "crf": "23"}
-                audio = container.add_stream("aac", rate=AAC_RATE)
-                audio.layout = "mono"
-                resampler = av.AudioResampler(format="fltp", layout="mono", rate=AAC_RATE)
-                audio_pts = 0
+            with Mp4Writer(self.path, self.width, self.height, crf=RECORDING_CRF) as writer:
                 while (item := self._queue.get()) is not None:
-                    image = np.ascontiguousarray(item.image[: self.height, : self.width])
-                    vf = av.VideoFrame.from_ndarray(image, format="rgb24")
-                    vf.pts = self.frames
-                    vf.time_base = fractions.Fraction(1, FPS)
-                    container.mux(video.encode(vf))
-                    af = av.AudioFrame.from_ndarray(item.audio.reshape(1, -1), format="s16", layout="mono")
-                    af.sample_rate = SAMPLE_RATE
-                    af.pts = audio_pts
-                    af.time_base = fractions.Fraction(1, SAMPLE_RATE)
-                    audio_pts += item.audio.size
-                    for out in resampler.resample(af):
-                        container.mux(audio.encode(out))
+                    writer.write(item.image, item.audio)
                     self.frames += 1
-                for out in resampler.resample(None):
-                    container.mux(audio.encode(out))
-                container.mux(video.encode(None))
-                container.mux(audio.encode(None))
         except Exception as exc:  # reported by finish()
             log.exception("recording to %s failed", self.path)
             self.error = str(exc)

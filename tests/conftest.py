@@ -9,6 +9,7 @@ import pytest
 
 from tests.support.server_process import ServerProcess
 
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One data dir for the run, so the default avatar is built once."""

@@ -10,9 +10,8 @@ pytestmark = pytest.mark.slow
 
 
 async def _post_raw(url: str, data: bytes, content_type: str = "application/json") -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as http:
-        async with http.post(url, data=data, headers={"Content-Type": content_type}) as resp:
-            return resp.status, await resp.json()
+    async with aiohttp.ClientSession() as http, http.post(url, data=data, headers={"Content-Type": content_type}) as resp:
+        return resp.status, await resp.json()
 
 
 def assert_error(status: int, body: dict, expected: int, words: str) -> None:
@@ -69,7 +68,7 @@ async def test_bad_fields_on_a_live_session_leave_it_working(server) -> None:
             ("/record", {"sessionid": sid, "type": "pause"}, 400, "start_record"),
             ("/record", {"sessionid": sid, "type": "end_record"}, 409, "not recording"),
         ]
-        for path, body, status, words in cases:
+        for path, body, _status, words in cases:
             reply = await client.post(path, body, check=False)
             assert reply["code"] != 0 and words.lower() in reply["msg"].lower(), (path, body, reply)
         ok = await client.post("/set_audiotype", {"sessionid": sid, "audiotype": 0, "reinit": True})
@@ -100,6 +99,5 @@ async def test_non_audio_empty_and_oversize_uploads_are_refused(server) -> None:
         async with client.http.post(server.url + "/humanaudio", json={"sessionid": client.session_id}) as r:
             assert_error(r.status, await r.json(), 400, "multipart")
         assert await client.is_speaking() is False
-    async with aiohttp.ClientSession() as http:
-        async with http.get(server.url + "/digital_human/check") as r:
-            assert (await r.json()) == {"status": "Server is running"}
+    async with aiohttp.ClientSession() as http, http.get(server.url + "/digital_human/check") as r:
+        assert (await r.json()) == {"status": "Server is running"}

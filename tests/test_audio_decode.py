@@ -7,7 +7,7 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.audio_decode import AudioDecodeError, decode_audio
+from media.decode import AudioDecodeError, decode_audio
 
 
 def encode(tmp_path, fmt: str, codec: str, seconds: float = 1.0, rate: int = 44_100) -> bytes:
@@ -32,8 +32,11 @@ def encode(tmp_path, fmt: str, codec: str, seconds: float = 1.0, rate: int = 44_
 
 
 @pytest.mark.parametrize(
-    "fmt,codec,rate",
-    [("wav", "pcm_s16le", 44_100), ("mp3", "libmp3lame", 44_100), ("ogg", "libopus", 48_000), ("m4a", "aac", 44_100), ("flac", "flac", 22_050)],
+    ("fmt", "codec", "rate"),
+    [
+        ("wav", "pcm_s16le", 44_100), ("mp3", "libmp3lame", 44_100), ("ogg", "libopus", 48_000),
+        ("m4a", "aac", 44_100), ("flac", "flac", 22_050),
+    ],
 )
 def test_common_formats_decode_to_16k_mono_of_the_right_length(tmp_path, fmt: str, codec: str, rate: int) -> None:
     try:

@@ -129,7 +129,7 @@ def test_default_avatar_blinks_once_briefly(default_avatar: Avatar) -> None:
     # 150-250 ms: a few frames at 25 fps, one run, not at either end of the clip.
     runs = np.flatnonzero(closed)
     assert 1 <= len(runs) <= 5 and runs.max() - runs.min() == len(runs) - 1, runs
-    assert 5 < runs.min() and runs.max() < default_avatar.num_frames - 5
+    assert runs.min() > 5 and runs.max() < default_avatar.num_frames - 5
 
 
 def test_closing_the_eyes_leaves_the_mouth_alone(still_landmarks: tuple[np.ndarray, np.ndarray]) -> None:

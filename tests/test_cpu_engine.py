@@ -12,9 +12,11 @@ from scipy.signal import lfilter
 from avatars.avatar import Avatar, save_avatar
 from avatars.default import ensure_default_avatar
 from avatars.landmarks import CHIN, FACE_OVAL, NOSE_TIP, FaceMeshDetector
+from media.pcm import to_float
+from media.timing import SAMPLE_RATE, SAMPLES_PER_FRAME
 from pipeline.engines import RenderItem, create_engine
 from pipeline.engines.cpu_mouth import CpuMouthEngine, MouthFeature
-from media.timing import SAMPLE_RATE, SAMPLES_PER_FRAME
+from pipeline.engines.cpu_mouth.rig import build_rig, smooth_landmarks
 from tests.support.mouth import mouth_opening
 
 MIN_CORRELATION = 0.6
@@ -38,7 +40,7 @@ def _voiced(formants: tuple[float, float, float], seconds: float, f0: float = 12
     n = int(seconds * SAMPLE_RATE)
     phase = np.cumsum(np.full(n, f0 / SAMPLE_RATE) * np.linspace(1.05, 0.95, n))
     source = lfilter([1.0], [1, -0.95], np.diff(np.floor(phase), prepend=0.0))  # pulses, glottal tilt
-    return sum(_resonate(source, f, bw) * g for f, bw, g in zip(formants, (90, 110, 150), (1.0, 0.6, 0.25)))
+    return sum(_resonate(source, f, bw) * g for f, bw, g in zip(formants, (90, 110, 150), (1.0, 0.6, 0.25), strict=True))
 
 
 def _hiss(seconds: float, rng: np.random.Generator) -> np.ndarray:
@@ -85,7 +87,7 @@ def tts_speech(text: str) -> np.ndarray:
     async def synth() -> np.ndarray:
         backend = EspeakBackend()
         try:
-            return np.concatenate([c async for c in backend.stream(text)])
+            return to_float(np.concatenate([c async for c in backend.stream(text)]))
         finally:
             await backend.close()
 
@@ -266,9 +268,12 @@ def test_render_changes_only_the_lower_face(engine: CpuMouthEngine, avatar: Avat
     assert ys.max() <= lm[CHIN, 1] + 0.5 * face_h  # nor far below the chin
     assert xs.min() >= oval[:, 0].min() - 0.1 * face_w  # nor beside the face
     assert xs.max() <= oval[:, 0].max() + 0.1 * face_w
-    box = engine.region(avatar.name, index)
-    assert box is not None
-    x0, y0, x1, y1 = box
+    # ...and all of it inside the box the rig declares as the region it may change
+    opts = engine.options
+    smoothed = smooth_landmarks(np.asarray(avatar.landmarks, np.float64), engine.smooth_landmarks)
+    rig = build_rig(smoothed[index], avatar.width, avatar.height, opts.max_open, opts.upper_lip, opts.spread)
+    assert rig is not None
+    x0, y0, x1, y1 = rig.box
     assert xs.min() >= x0 and xs.max() < x1 and ys.min() >= y0 and ys.max() < y1
 
 

@@ -1,6 +1,7 @@
 """A server killed outright leaves no worker process and no shared memory behind."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -36,7 +37,7 @@ async def test_sigkilled_server_leaves_no_worker_and_no_segments(make_server) ->
     srv.proc.wait(10)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and (alive(worker_pid) or any((Path("/dev/shm") / r).exists() for r in rings)):
-        time.sleep(0.1)
+        await asyncio.sleep(0.1)
     try:
         assert not alive(worker_pid), "the worker outlived its server"
         assert not any((Path("/dev/shm") / r).exists() for r in rings), "a ring outlived its server"

@@ -29,9 +29,8 @@ def write_video(path: Path, frames: int = 12) -> None:
 
 
 async def post(url: str, body: dict) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as http:
-        async with http.post(url, json=body) as r:
-            return r.status, await r.json()
+    async with aiohttp.ClientSession() as http, http.post(url, json=body) as r:
+        return r.status, await r.json()
 
 
 async def test_preprocess_then_gen_writes_an_mp4_inside_the_data_dir(server, data_dir: Path) -> None:
@@ -41,9 +40,11 @@ async def test_preprocess_then_gen_writes_an_mp4_inside_the_data_dir(server, dat
     t = np.arange(int(16000 * 1.3)) / 16000
     (uploads / "answer.wav").write_bytes(wav_bytes(0.3 * np.sin(2 * np.pi * 200 * t) * (np.sin(2 * np.pi * 3 * t) > 0)))
     ids = {"user_id": "u1", "request_id": "r1"}
-    status, body = await post(server.url + "/digital_human/preprocess", {**ids, "streamer_id": "anchor", "video_path": "uploads/anchor.mp4"})
+    status, body = await post(server.url + "/digital_human/preprocess",
+                              {**ids, "streamer_id": "anchor", "video_path": "uploads/anchor.mp4"})
     assert status == 200 and body["code"] == 0 and body["user_id"] == "u1" and body["request_id"] == "r1"
-    status, body = await post(server.url + "/digital_human/gen", {**ids, "streamer_id": "anchor", "tts_path": "uploads/answer.wav", "chunk_id": 3})
+    status, body = await post(server.url + "/digital_human/gen",
+                              {**ids, "streamer_id": "anchor", "tts_path": "uploads/answer.wav", "chunk_id": 3})
     assert status == 200 and body["code"] == 0, body
     out = data_dir / body["digital_human_mp4_path"]
     assert out.is_file() and out.resolve().is_relative_to(data_dir.resolve())
@@ -61,9 +62,11 @@ async def test_paths_outside_the_data_dir_are_refused(server, field: str) -> Non
 
 
 async def test_missing_files_ids_and_avatars_are_clear_errors(server) -> None:
-    status, body = await post(server.url + "/digital_human/gen", {"user_id": "u", "request_id": "r", "streamer_id": "nobody", "tts_path": "nothing.wav"})
+    status, body = await post(server.url + "/digital_human/gen",
+                              {"user_id": "u", "request_id": "r", "streamer_id": "nobody", "tts_path": "nothing.wav"})
     assert status == 404 and "does not exist" in body["msg"]
-    status, body = await post(server.url + "/digital_human/preprocess", {"user_id": "u/..", "request_id": "r", "streamer_id": "a", "video_path": "x.mp4"})
+    status, body = await post(server.url + "/digital_human/preprocess",
+                              {"user_id": "u/..", "request_id": "r", "streamer_id": "a", "video_path": "x.mp4"})
     assert status == 400 and "user_id" in body["msg"]
     status, body = await post(server.url + "/digital_human/preprocess", {"request_id": "r", "streamer_id": "a", "video_path": "x.mp4"})
     assert status == 400 and "missing field 'user_id'" in body["msg"]

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from tests.support.client import AvatarClient
-from tests.support.mouth import lower_face
 from tests.support.media_analysis import (
     best_lag_correlation,
     envelope,
@@ -18,6 +17,7 @@ from tests.support.media_analysis import (
     video_index,
     wav_bytes,
 )
+from tests.support.mouth import lower_face
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from avatars.avatar import load_avatar  # noqa: E402
-from avatars.musetalk_material import (  # noqa: E402
+from pipeline.engines import RenderItem  # noqa: E402
+from pipeline.engines.musetalk import MuseTalkEngine  # noqa: E402
+from pipeline.engines.musetalk.material import (  # noqa: E402
     CACHE_DIR,
     MEDIAPIPE_TO_68,
     MaterialParams,
@@ -23,8 +25,6 @@ from avatars.musetalk_material import (  # noqa: E402
     load_or_build_material,
     mediapipe_to_68,
 )
-from pipeline.engines import RenderItem  # noqa: E402
-from pipeline.engines.musetalk import MuseTalkEngine  # noqa: E402
 from tests.support.musetalk_fixtures import astronaut_with_landmarks, make_avatar, speech_like, write_tiny_checkpoints  # noqa: E402
 
 FAST = {"whisper_hop_s": 0.5, "whisper_left_s": 1.0, "whisper_right_s": 0.5}
@@ -143,7 +143,7 @@ def test_material_is_cached_and_rebuilt_only_when_a_parameter_it_uses_changes(da
 
 
 def test_landmark_mask_covers_the_lower_face_only_with_a_soft_edge() -> None:
-    image, lm478 = astronaut_with_landmarks()
+    _, lm478 = astronaut_with_landmarks()
     box = face_box(mediapipe_to_68(lm478), 512, 512, "v15")
     cbox = crop_box(box, 1.5)
     mask = blend_mask(landmark_region(lm478, cbox), box, cbox)
@@ -167,7 +167,7 @@ def test_render_writes_whole_frames_changing_only_the_face_box(engine: MuseTalkE
     avatar = load_avatar(data, "astro")
     outs = [np.zeros(avatar.frame_shape, np.uint8) for _ in range(2)]
     engine.render([RenderItem("astro", 1, features[0][0]), RenderItem("astro", 4, features[0][1])], outs)
-    for out, idx in zip(outs, (1, 4)):
+    for out, idx in zip(outs, (1, 4), strict=True):
         x1, y1, x2, y2 = engine._avatars["astro"].material.box(idx)
         outside = np.ones(avatar.frame_shape[:2], bool)
         outside[y1:y2, x1:x2] = False
@@ -199,7 +199,7 @@ def test_one_batch_across_sessions_equals_rendering_each_frame_alone(engine: Mus
     shape = load_avatar(data, "astro").frame_shape
     batched = [np.zeros(shape, np.uint8) for _ in items]
     engine.render(items, batched)
-    for item, expected in zip(items, batched):
+    for item, expected in zip(items, batched, strict=True):
         alone = np.zeros(shape, np.uint8)
         engine.render([item], [alone])
         assert np.abs(alone.astype(int) - expected.astype(int)).max() <= 1
@@ -252,7 +252,7 @@ def test_worker_loop_batches_two_sessions_through_musetalk_into_their_rings(engi
         for sid, ring in rings.items():
             worker.handle(OpenSession(sid, "astro" if sid == "a" else "astro2", ring.name, 16, shape))
         for seed, sid in enumerate(rings):
-            pcm = (speech_like(0.3, seed=seed) * 32767).astype(np.int16).tobytes()  # 7.5 frames -> 8
+            pcm = (speech_like(0.3, seed=seed) * 32767).astype(np.int16)  # 7.5 frames -> 8
             worker.handle(AudioChunk(sid, 0, f"{sid}1", pcm, final=True))
         batches = []
         while n := worker.render_batch():

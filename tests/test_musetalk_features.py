@@ -8,18 +8,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from media.timing import frames_for_samples  # noqa: E402
 from models.positional import sinusoid_table  # noqa: E402
-from models.whisper_features import (  # noqa: E402
+from models.whisper import (  # noqa: E402
     FrameFeatureStream,
     StreamConfig,
     WhisperStepStream,
-    frames_for_samples,
     load_whisper_encoder,
-    reference_states,
+    lookahead_s,
     resolve_step,
     window_indices,
 )
 from tests.support.musetalk_fixtures import speech_like, whisper_checkpoint  # noqa: E402
+from tests.support.whisper_reference import reference_states  # noqa: E402
 
 FAST = StreamConfig(hop=25, left=50, right=25)  # fewer encoder passes: quick on 2 CPU cores
 
@@ -53,7 +54,7 @@ def test_frame_window_is_ten_steps_from_minus_80_to_plus_120_ms() -> None:
 
 
 @pytest.mark.parametrize(
-    "frame,v1,v15",
+    ("frame", "v1", "v15"),
     [
         # start of a 1 s utterance (50 steps, 25 frames): v1.0 repeats step 0, v1.5 pads zeros
         (0, [0, 0, 0, 0, 0, 1, 2, 3, 4, 5], [None] * 4 + [0, 1, 2, 3, 4, 5]),
@@ -130,9 +131,9 @@ def test_features_come_out_while_audio_streams_in_not_only_at_the_end(encoder) -
     for start in range(0, pcm.size, 1600):  # 100 ms chunks
         got_at.extend([(start + 1600) / 16_000] * len(stream.push(pcm[start : start + 1600])))
     # every frame whose audio and look-ahead arrived before the end came out before flush
-    assert len(got_at) >= int((2.0 - FAST.lookahead_s) * 25)
+    assert len(got_at) >= int((2.0 - lookahead_s(FAST)) * 25)
     # the frame at t appears once audio up to about t + lookahead has arrived
-    assert all(t - 0.04 * k <= FAST.lookahead_s + 0.1 for k, t in enumerate(got_at))
+    assert all(t - 0.04 * k <= lookahead_s(FAST) + 0.1 for k, t in enumerate(got_at))
     assert len(got_at) + len(stream.flush()) == 50
 
 
@@ -141,7 +142,7 @@ def test_stream_output_does_not_depend_on_how_the_pcm_is_chunked(encoder) -> Non
     a, _ = _features(encoder, "v1", pcm, chunk=pcm.size)
     b, _ = _features(encoder, "v1", pcm, chunk=517)
     assert len(a) == len(b) == 30
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_streaming_with_segment_wide_context_reproduces_the_30s_reference_pass(encoder) -> None:
@@ -154,7 +155,7 @@ def test_streaming_with_segment_wide_context_reproduces_the_30s_reference_pass(e
 def test_default_window_geometry_keeps_lookahead_under_a_second() -> None:
     config = StreamConfig.from_seconds()
     assert (config.hop, config.left, config.right) == (10, 75, 25)
-    assert config.lookahead_s < 1.0
+    assert lookahead_s(config) < 1.0
 
 
 def test_empty_utterance_gives_no_frames(encoder) -> None:

@@ -1,12 +1,14 @@
 """MuseTalk's models and weight files: real formats, real key names, clear failures."""
 from __future__ import annotations
 
+import ast
 import hashlib
 import http.server
 import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -16,11 +18,12 @@ pytest.importorskip("diffusers")
 
 from models.checkpoint import CheckpointError  # noqa: E402
 from models.download import DownloadError, download_weights, fetch, remote_file  # noqa: E402
-from models.unet import MUSETALK_UNET_PARAMETERS, count_parameters, load_unet, unet_step  # noqa: E402
+from models.unet import MUSETALK_UNET_PARAMETERS, load_unet, unet_step  # noqa: E402
 from models.vae import SCALING_FACTOR, decode_latents, encode_faces, load_vae  # noqa: E402
-from models.weights import MissingWeights, WeightSpec, check_weights, models_dir  # noqa: E402
-from models.whisper_features import load_whisper_encoder, mel_filters  # noqa: E402
+from models.weights import MissingWeights, WeightsError, WeightSpec, check_weights, models_dir, require_weights  # noqa: E402
+from models.whisper import load_whisper_encoder, mel_filters  # noqa: E402
 from pipeline.engines import EngineUnavailable, create_engine  # noqa: E402
+from tests.support.model_size import count_parameters  # noqa: E402
 from tests.support.musetalk_fixtures import TINY_WHISPER_DIMS, whisper_checkpoint, write_tiny_checkpoints  # noqa: E402
 
 
@@ -38,7 +41,7 @@ def test_full_size_unet_from_musetalk_json_has_849_947_844_parameters() -> None:
     assert count_parameters() == MUSETALK_UNET_PARAMETERS == 849_947_844  # built on meta: no memory
 
 
-@pytest.mark.parametrize("folder,name", [("musetalk", "pytorch_model.bin"), ("musetalkV15", "unet.pth")])
+@pytest.mark.parametrize(("folder", "name"), [("musetalk", "pytorch_model.bin"), ("musetalkV15", "unet.pth")])
 def test_unet_loads_from_each_release_layout_and_maps_8_channel_latents_to_4(tiny_data: Path, folder: str, name: str) -> None:
     root = models_dir(tiny_data) / folder
     unet = load_unet(root / "musetalk.json", root / name)
@@ -155,7 +158,7 @@ def test_whisper_other_than_tiny_is_refused(tmp_path: Path) -> None:
 
 def test_mel_filters_and_log_mel_match_openai_whisper() -> None:
     whisper = pytest.importorskip("whisper")
-    from models.whisper_features import LogMel, normalise_log_mel
+    from models.whisper import LogMel, normalise_log_mel
 
     assert np.allclose(mel_filters(80), whisper.audio.mel_filters("cpu", 80).numpy(), atol=1e-7)
     pcm = whisper.pad_or_trim(np.random.default_rng(2).standard_normal(8000).astype(np.float32) * 0.1)
@@ -172,9 +175,13 @@ def test_missing_weights_are_listed_and_the_engine_error_names_the_download_comm
     problems = check_weights(tmp_path, "v15")
     assert {p.spec.key for p in problems} == {"unet-config-v15", "unet-v15", "vae-config", "vae", "whisper"}
     assert all(p.reason == "missing" for p in problems)
-    with pytest.raises(MissingWeights) as info:
+    with pytest.raises(MissingWeights) as missing:
+        require_weights(tmp_path, "v1")
+    assert isinstance(missing.value, WeightsError) and not isinstance(missing.value, EngineUnavailable)
+    with pytest.raises(EngineUnavailable) as info:  # the engine says it cannot run here, with the same message
         MuseTalkEngine(tmp_path, device="cpu", version="v1")
-    assert isinstance(info.value, EngineUnavailable)
+    assert isinstance(info.value.__cause__, MissingWeights)
+    assert str(info.value) == str(missing.value)
     assert "python -m models download --version v1" in str(info.value)
     assert "musetalk/pytorch_model.bin" in str(info.value)
 
@@ -187,7 +194,7 @@ def test_truncated_weight_file_is_corrupt_never_silently_random(tmp_path: Path) 
     unet.write_bytes(unet.read_bytes()[: unet.stat().st_size // 2])
     (problem,) = check_weights(tmp_path, "v15")
     assert problem.reason == "corrupt" and problem.path == unet
-    with pytest.raises(MissingWeights, match="corrupt.*unet.pth.*python -m models download --version v15"):
+    with pytest.raises(EngineUnavailable, match=r"corrupt.*unet\.pth.*python -m models download --version v15"):
         MuseTalkEngine(tmp_path, device="cpu")
 
 
@@ -200,8 +207,9 @@ def test_unparseable_checkpoint_of_the_right_size_is_reported_corrupt_at_load(tm
     manifest = json.loads((models_dir(tmp_path) / "manifest.json").read_text())
     manifest["whisper/tiny.pt"]["size"] = whisper_pt.stat().st_size
     (models_dir(tmp_path) / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(MissingWeights, match="corrupt.*tiny.pt"):
+    with pytest.raises(EngineUnavailable, match=r"corrupt.*tiny\.pt.*python -m models download --version v15") as info:
         MuseTalkEngine(tmp_path, device="cpu")
+    assert isinstance(info.value.__cause__, MissingWeights)
 
 
 def test_auto_engine_uses_the_cpu_engine_when_musetalk_cannot_run(tmp_path: Path) -> None:
@@ -212,14 +220,37 @@ def test_auto_engine_uses_the_cpu_engine_when_musetalk_cannot_run(tmp_path: Path
         engine.close()
 
 
+def test_auto_engine_falls_back_to_the_cpu_engine_when_weights_are_missing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = create_engine("auto", tmp_path, device="cpu")  # a device MuseTalk could run on, but no weights
+    try:
+        assert engine.name != "musetalk"
+    finally:
+        engine.close()
+    assert "python -m models download --version v15" in caplog.text
+
+
+def test_models_import_nothing_from_the_pipeline_or_the_server() -> None:
+    root = Path(__file__).resolve().parent.parent / "models"
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("pipeline", "server")]
+    assert found == []
+
+
 # ---- the downloader ---------------------------------------------------------------------
 
 
 class _Hub(http.server.BaseHTTPRequestHandler):
     """A file server with byte ranges and the hub's redirect headers."""
 
-    files: dict[str, bytes] = {}
-    gets: list[str] = []
+    files: ClassVar[dict[str, bytes]] = {}
+    gets: ClassVar[list[str]] = []
 
     def log_message(self, *args: object) -> None:
         pass
@@ -229,7 +260,7 @@ class _Hub(http.server.BaseHTTPRequestHandler):
             return "/cdn/" + self.path.split("/resolve/main/", 1)[1]
         return None
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         target = self._resolve()
         if target and target in self.files:
             body = self.files[target]
@@ -242,7 +273,7 @@ class _Hub(http.server.BaseHTTPRequestHandler):
             return
         self._serve(head=True)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         target = self._resolve()
         if target:
             self.send_response(302)

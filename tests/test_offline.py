@@ -9,7 +9,8 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.audio_decode import AudioDecodeError
+from media.decode import AudioDecodeError
+from pipeline.messages import VideoResult
 from pipeline.offline import generate_video, main
 from tests.support.musetalk_fixtures import make_avatar, speech_like
 
@@ -61,7 +62,7 @@ def test_musetalk_mp4_has_a_frame_for_every_40ms_of_audio_and_matching_duration(
     audio = _write_wav(tmp_path / "in.wav", speech_like(samples / 16_000, seed=3)[:samples])
     engine = MuseTalkEngine(data, device="cpu", max_batch=4, whisper_hop_s=0.5)
     result = generate_video(data, "astro", audio, tmp_path / "out.mp4", engine=engine)
-    assert result == {"frames": 26, "duration": pytest.approx(1.04), "path": str(tmp_path / "out.mp4")}
+    assert result == VideoResult(str(tmp_path / "out.mp4"), 26, pytest.approx(1.04))
     info = _probe(tmp_path / "out.mp4")
     assert (info["video_codec"], info["audio_codec"]) == ("h264", "aac")
     assert info["fps"] == 25 and info["size"] == (512, 512)
@@ -75,8 +76,8 @@ def test_cpu_engine_with_stereo_44k_input_covers_all_audio(data: Path, tmp_path:
     audio = _write_wav(tmp_path / "in.wav", speech_like(0.53, seed=4, rate=44_100), rate=44_100, channels=2)
     result = generate_video(data, "astro", audio, tmp_path / "out.mp4", engine_name="cpu")
     decoded_samples = round(0.53 * 44_100) * 16_000 / 44_100
-    assert abs(result["frames"] - math.ceil(decoded_samples / 640)) <= 1
-    assert _probe(tmp_path / "out.mp4")["frames"] == result["frames"]
+    assert abs(result.frames - math.ceil(decoded_samples / 640)) <= 1
+    assert _probe(tmp_path / "out.mp4")["frames"] == result.frames
 
 
 def test_cli_writes_the_mp4_and_reports_failures_in_one_line(data: Path, tmp_path: Path, caplog) -> None:

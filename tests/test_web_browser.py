@@ -98,11 +98,16 @@ def browser() -> Iterator:
 
 
 @pytest.fixture
-def page(browser, base_url: str) -> Iterator[Page]:
+def page_errors() -> list[str]:
+    """JavaScript errors the page threw (filled by the ``page`` fixture)."""
+    return []
+
+
+@pytest.fixture
+def page(browser, base_url: str, page_errors: list[str]) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=base_url)
     pg = context.new_page()
-    pg.js_errors = []  # type: ignore[attr-defined]
-    pg.on("pageerror", lambda exc: pg.js_errors.append(str(exc)))  # type: ignore[attr-defined]
+    pg.on("pageerror", lambda exc: page_errors.append(str(exc)))
     pg.set_default_timeout(30_000)
     try:
         yield pg
@@ -140,7 +145,7 @@ def grab(page: Page) -> dict:
 def motion(frames: list[dict], threshold: float = 24.0) -> int:
     """How many grid cells changed by more than ``threshold`` grey levels across the frames
     (max minus min): codec noise stays under it, a mouth opening does not."""
-    cells = zip(*(f["px"] for f in frames))
+    cells = zip(*(f["px"] for f in frames), strict=True)
     return sum(1 for values in cells if max(values) - min(values) > threshold)
 
 
@@ -173,7 +178,7 @@ def session_count(base_url: str) -> int | None:
     return body.get("data", {}).get("sessions") if status == 200 else None
 
 
-def test_webrtcapi_page(page: Page, base_url: str) -> None:
+def test_webrtcapi_page(page: Page, base_url: str, page_errors: list[str]) -> None:
     started = time.monotonic()
     page.goto("/webrtcapi.html")
     expect(page.locator("#sessionid")).to_have_text("")
@@ -269,7 +274,7 @@ def test_webrtcapi_page(page: Page, base_url: str) -> None:
     expect(page.locator("#status.error")).to_have_count(0)
     expect(speaking).to_have_attribute("data-speaking", "false", timeout=30_000)
 
-    assert not page.js_errors, page.js_errors  # type: ignore[attr-defined]
+    assert not page_errors, page_errors
 
     # -- disconnect: the page resets, the server closes the session --
     before = session_count(base_url)
@@ -290,7 +295,7 @@ def test_webrtcapi_page(page: Page, base_url: str) -> None:
     )
 
 
-def test_unknown_avatar_error_is_shown(page: Page) -> None:
+def test_unknown_avatar_error_is_shown(page: Page, page_errors: list[str]) -> None:
     page.goto("/webrtcapi.html")
     page.fill("#avatar", "no-such-avatar")
     page.click("#connect")
@@ -299,10 +304,10 @@ def test_unknown_avatar_error_is_shown(page: Page) -> None:
     assert "no-such-avatar" in page.inner_text("#status")
     expect(page.locator("#sessionid")).to_have_text("")
     expect(page.locator("#connect")).to_be_enabled()
-    assert not page.js_errors, page.js_errors  # type: ignore[attr-defined]
+    assert not page_errors, page_errors
 
 
-def test_viewer_page_connects_and_plays(page: Page, base_url: str) -> None:
+def test_viewer_page_connects_and_plays(page: Page, base_url: str, page_errors: list[str]) -> None:
     page.goto("/webrtc.html")
     expect(page.locator("#sessionid")).not_to_have_text("", timeout=30_000)
     wait_playing(page)
@@ -315,4 +320,4 @@ def test_viewer_page_connects_and_plays(page: Page, base_url: str) -> None:
         assert time.monotonic() < deadline, "the viewer's session never started speaking"
         time.sleep(0.05)
     assert page.locator("textarea, #send, #interrupt").count() == 0, "the viewer must not have controls"
-    assert not page.js_errors, page.js_errors  # type: ignore[attr-defined]
+    assert not page_errors, page_errors

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 
 from avatars.default import ensure_default_avatar
+from media.pcm import Pcm, to_float
+from media.timing import SAMPLE_RATE, SAMPLES_PER_FRAME
 from pipeline.engines import create_engine
+from pipeline.engines.cpu_mouth import CpuMouthEngine, MouthFeature
 from pipeline.frame_ring import FrameRing
-from pipeline.messages import SAMPLES_PER_FRAME, AudioChunk, FrameReady, Interrupt, OpenSession, SessionOpened
+from pipeline.messages import AudioChunk, FrameReady, Interrupt, OpenSession, SessionOpened
 from pipeline.worker import WorkerLoop
 
 
@@ -26,32 +29,39 @@ def engine(data_dir: Path):
     return create_engine("cpu", data_dir)
 
 
+class Worker(WorkerLoop[MouthFeature]):
+    """The worker loop with the server's side of opening a session (its ring) at hand."""
+
+    def __init__(self, engine: CpuMouthEngine, data_dir: Path, outbox: Outbox) -> None:
+        super().__init__(engine, data_dir, outbox, max_batch=8)
+        self.replies = outbox
+        self.rings: list[FrameRing] = []
+
+    def open_session(self, sid: str, slots: int = 8) -> FrameRing:
+        avatar = self._avatar("default")
+        ring = FrameRing.create(slots, avatar.frame_shape)
+        self.rings.append(ring)
+        self.handle(OpenSession(sid, "default", ring.name, slots, avatar.frame_shape))
+        opened = self.replies[-1]
+        assert isinstance(opened, SessionOpened) and opened.ok
+        return ring
+
+
 @pytest.fixture
 def loop(engine, data_dir: Path):
     outbox = Outbox()
-    worker = WorkerLoop(engine, data_dir, outbox, max_batch=8)
-    rings: list[FrameRing] = []
-
-    def open_session(sid: str, slots: int = 8) -> FrameRing:
-        avatar = worker._avatar("default")
-        ring = FrameRing.create(slots, avatar.frame_shape)
-        rings.append(ring)
-        worker.handle(OpenSession(sid, "default", ring.name, slots, avatar.frame_shape))
-        assert isinstance(outbox[-1], SessionOpened) and outbox[-1].ok
-        return ring
-
-    worker.open_session = open_session  # type: ignore[attr-defined]
+    worker = Worker(engine, data_dir, outbox)
     yield worker, outbox
     worker.close()
-    for ring in rings:
+    for ring in worker.rings:
         ring.close()
 
 
-def speech(seconds: float, seed: int = 0) -> bytes:
+def speech(seconds: float, seed: int = 0) -> Pcm:
     rng = np.random.default_rng(seed)
-    t = np.arange(int(16000 * seconds)) / 16000
+    t = np.arange(int(SAMPLE_RATE * seconds)) / SAMPLE_RATE
     pcm = 0.3 * np.sin(2 * np.pi * 200 * t) * (np.sin(2 * np.pi * 4 * t) > 0) + 0.01 * rng.standard_normal(t.size)
-    return (pcm * 32767).astype(np.int16).tobytes()
+    return (pcm * 32767).astype(np.int16)
 
 
 def frames(outbox: list, sid: str | None = None) -> list[FrameReady]:
@@ -84,39 +94,44 @@ def test_full_ring_stops_rendering_until_a_slot_is_released(loop) -> None:
 def test_every_sample_is_carried_by_exactly_one_frame_and_the_tail_is_padded(loop) -> None:
     worker, outbox = loop
     ring = worker.open_session("a", slots=32)
-    pcm = speech(0.5)[: 2 * (SAMPLES_PER_FRAME * 12 + 100)]  # 12 frames and 100 samples
-    worker.handle(AudioChunk("a", 0, "u", pcm[:3000], start_cursor=7))
-    worker.handle(AudioChunk("a", 0, "u", pcm[3000:], final=True))
+    pcm = speech(0.5)[: SAMPLES_PER_FRAME * 12 + 100]  # 12 frames and 100 samples
+    worker.handle(AudioChunk("a", 0, "u", pcm[:1500], start_cursor=7))
+    worker.handle(AudioChunk("a", 0, "u", pcm[1500:], final=True))
     while worker.render_batch():
         pass
     sent = frames(outbox)
     assert [f.seq for f in sent] == list(range(13))
     assert sent[-1].last and not any(f.last for f in sent[:-1])
-    audio = b"".join(f.audio for f in sent)
-    assert audio[: len(pcm)] == pcm and set(audio[len(pcm):]) == {0}
+    audio = np.concatenate([f.audio for f in sent])
+    assert np.array_equal(audio[: pcm.size], pcm) and not audio[pcm.size :].any()
     avatar = worker.avatars["default"]
     assert [f.avatar_index for f in sent] == [avatar.idle_index(7 + k) for k in range(13)]
     assert [f.cursor for f in sent] == [7 + k for k in range(13)]
     assert ring.free_count() == 32 - 13
 
 
-def test_interrupt_drops_everything_queued_and_stale_audio(loop) -> None:
+def test_interrupt_drops_everything_queued_and_later_speech_echoes_its_generation(loop) -> None:
     worker, outbox = loop
-    worker.open_session("a", slots=4)
+    ring = worker.open_session("a", slots=4)
     worker.handle(AudioChunk("a", 0, "u", speech(2.0)))
     worker.render_batch()
-    before = len(frames(outbox))
-    worker.handle(Interrupt("a", 1))
-    worker.handle(AudioChunk("a", 0, "u", speech(1.0), final=True))  # late chunk from before the interrupt
-    assert worker.render_batch() == 0
-    assert len(frames(outbox)) == before
+    before = frames(outbox)
+    assert len(before) == 4 and {f.generation for f in before} == {0}
+    worker.handle(Interrupt("a"))
+    for f in before:  # what the server does with frames it will never show
+        ring.release(f.slot)
+    assert worker.render_batch() == 0  # nothing of "u" is left to render
     worker.handle(AudioChunk("a", 1, "v", speech(0.2), final=True))
-    # the ring is still full of frames from before the interrupt, which the server releases
-    assert not worker.sessions["a"].utterances[0].done
+    while worker.render_batch():
+        for f in frames(outbox)[len(before) :]:
+            ring.release(f.slot)
+    after = frames(outbox)[len(before) :]
+    assert {f.utterance_id for f in after} == {"v"} and {f.generation for f in after} == {1}
+    assert len(after) == 5 and after[-1].last
 
 
 def test_session_with_no_speech_costs_no_rendering(loop) -> None:
-    worker, outbox = loop
+    worker, _outbox = loop
     worker.open_session("idle")
     assert worker.render_batch() == 0
     assert worker.frames_rendered == 0
@@ -130,7 +145,7 @@ def test_offline_job_waits_for_live_sessions_then_writes_the_mp4(loop, tmp_path)
 
     worker, outbox = loop
     audio = tmp_path / "a.wav"
-    audio.write_bytes(wav_bytes(np.frombuffer(speech(0.5), np.int16).astype(np.float32) / 32768))
+    audio.write_bytes(wav_bytes(to_float(speech(0.5))))
     worker.handle(GenerateVideo("job1", "default", str(audio), str(tmp_path / "out.mp4")))
     worker.open_session("live")
     worker.handle(AudioChunk("live", 0, "u", speech(0.2), final=True))
@@ -141,9 +156,10 @@ def test_offline_job_waits_for_live_sessions_then_writes_the_mp4(loop, tmp_path)
         pass
     done = [m for m in outbox if isinstance(m, JobDone)]
     assert len(done) == 1 and done[0].ok, done
-    assert done[0].result["frames"] == int(np.ceil(0.5 * 25))
+    result = done[0].result
+    assert result is not None and result.frames == int(np.ceil(0.5 * 25))
     with av.open(str(tmp_path / "out.mp4")) as c:
-        assert sum(1 for _ in c.decode(video=0)) == done[0].result["frames"]
+        assert sum(1 for _ in c.decode(video=0)) == result.frames
 
 
 def test_failed_offline_job_reports_and_leaves_the_worker_running(loop, tmp_path) -> None:

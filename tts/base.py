@@ -1,4 +1,5 @@
-"""The text-to-speech interface: text in, an async stream of 16 kHz mono float32 PCM out.
+"""The text-to-speech interface: text in, an async stream of ``Pcm`` (mono int16 at
+``media.timing.SAMPLE_RATE``) out.
 
 Backends are chosen by name (see ``tts.registry``). A backend yields audio sentence by
 sentence, so speech can start as soon as the first sentence is ready.
@@ -8,9 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 
-import numpy as np
-
-SAMPLE_RATE = 16_000
+from media.pcm import Pcm
 
 
 class TTSError(RuntimeError):
@@ -22,8 +21,8 @@ class TTSBackend(ABC):
     name: str = "base"
 
     @abstractmethod
-    def stream(self, text: str, voice: str | None = None) -> AsyncIterator[np.ndarray]:
-        """Yield float32 mono PCM chunks at 16 kHz, in order, covering all of ``text``."""
+    def stream(self, text: str, voice: str | None = None) -> AsyncIterator[Pcm]:
+        """Yield ``Pcm`` chunks, in order, covering all of ``text``."""
 
-    async def close(self) -> None:
-        pass
+    async def close(self) -> None:  # noqa: B027 - an optional hook: most backends hold nothing
+        """Release what the backend holds (connections, threads); most hold nothing."""

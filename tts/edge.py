@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import aiohttp
 import av
@@ -19,12 +19,14 @@ import edge_tts
 import numpy as np
 from edge_tts.exceptions import EdgeTTSException
 
-from tts.base import SAMPLE_RATE, TTSBackend, TTSError
+from media.pcm import Pcm
+from media.timing import SAMPLE_RATE
+from tts.base import TTSBackend, TTSError
 from tts.sentences import split_sentences
 
 log = logging.getLogger(__name__)
 
-_EMPTY = np.zeros(0, np.float32)
+_EMPTY: Pcm = np.zeros(0, np.int16)
 _WORDY = re.compile(r"\w")  # a piece with no word character ("...", "?!") has nothing to say
 
 # MPEG audio layer III tables (ISO 11172-3, 13818-3): kbit/s by bitrate index, Hz by
@@ -38,7 +40,7 @@ _DECODER_DELAY = 529  # samples every MP3 decoder adds at the start (LAME's conv
 
 
 class Mp3StreamDecoder:
-    """Decode an MP3 byte stream fed in arbitrary pieces to float32 mono PCM.
+    """Decode an MP3 byte stream fed in arbitrary pieces to mono ``Pcm`` (int16).
 
     A leading ID3v2 tag is skipped. If the first frame is a Xing/Info frame with a LAME
     tag (written by LAME and FFmpeg), the encoder's delay and padding are trimmed, so the
@@ -48,13 +50,13 @@ class Mp3StreamDecoder:
     def __init__(self, rate: int = SAMPLE_RATE) -> None:
         self.rate = rate
         self._codec = av.CodecContext.create("mp3", "r")
-        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
         self._head: bytearray | None = bytearray()  # held until the stream's start is known
         self._skip = 0  # output samples still to drop at the start
         self._end_trim = 0  # output samples to drop at the very end
         self._held = _EMPTY  # the last _end_trim samples, which may be padding
 
-    def feed(self, data: bytes) -> np.ndarray:
+    def feed(self, data: bytes) -> Pcm:
         """Decode what ``data`` completes; return the PCM ready so far (maybe empty)."""
         if self._head is not None:
             self._head += data
@@ -65,7 +67,7 @@ class Mp3StreamDecoder:
             self._head = None
         return self._emit(self._decode(self._codec.parse(data)), final=False)
 
-    def flush(self) -> np.ndarray:
+    def flush(self) -> Pcm:
         """Decode everything still buffered; the decoder is done afterwards."""
         pcm: list[np.ndarray] = []
         if self._head:  # a stream too short to have told us anything: decode it as is
@@ -126,7 +128,7 @@ class Mp3StreamDecoder:
         self._skip = round((delay + _DECODER_DELAY) * scale)
         self._end_trim = round(max(padding - _DECODER_DELAY, 0) * scale)
 
-    def _decode(self, packets: list[av.Packet] | list[None]) -> np.ndarray:
+    def _decode(self, packets: list[av.Packet] | list[None]) -> Pcm:
         out: list[np.ndarray] = []
         for packet in packets:
             try:
@@ -138,11 +140,11 @@ class Mp3StreamDecoder:
             out.extend(self._resampled(frame) for frame in frames)
         return np.concatenate(out) if out else _EMPTY
 
-    def _resampled(self, frame: av.AudioFrame | None) -> np.ndarray:
+    def _resampled(self, frame: av.AudioFrame | None) -> Pcm:
         out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
-        return np.concatenate(out).astype(np.float32, copy=False) if out else _EMPTY
+        return np.concatenate(out).astype(np.int16, copy=False) if out else _EMPTY
 
-    def _emit(self, pcm: np.ndarray, final: bool) -> np.ndarray:
+    def _emit(self, pcm: Pcm, final: bool) -> Pcm:
         if self._skip:
             dropped = min(self._skip, pcm.size)
             pcm, self._skip = pcm[dropped:], self._skip - dropped
@@ -184,7 +186,7 @@ class EdgeTTSBackend(TTSBackend):
         self.first_audio_timeout = first_audio_timeout
         self.receive_timeout = receive_timeout
 
-    async def stream(self, text: str, voice: str | None = None) -> AsyncIterator[np.ndarray]:
+    async def stream(self, text: str, voice: str | None = None) -> AsyncIterator[Pcm]:
         for piece in split_sentences(text):
             if not _WORDY.search(piece):
                 continue  # the service answers such a piece with no audio, an error
@@ -193,7 +195,7 @@ class EdgeTTSBackend(TTSBackend):
                 async for pcm in pcms:
                     yield pcm
 
-    async def _speak(self, piece: str, voice: str) -> AsyncIterator[np.ndarray]:
+    async def _speak(self, piece: str, voice: str) -> AsyncGenerator[Pcm, None]:
         try:
             communicate = edge_tts.Communicate(
                 piece,

@@ -22,7 +22,8 @@ from typing import TypeVar
 import numpy as np
 from scipy.signal import resample_poly
 
-from tts.base import SAMPLE_RATE, TTSBackend, TTSError
+from media.pcm import Pcm, from_float, silence, to_float
+from tts.base import TTSBackend, TTSError
 from tts.sentences import split_sentences
 
 log = logging.getLogger(__name__)
@@ -192,8 +193,8 @@ class _EspeakEngine:
 
     def synthesize(
         self, text: str, voice: str, rate: int, pitch: int, trim_lead: bool, end_pause: bool
-    ) -> np.ndarray:
-        """One piece of text to float32 PCM at SAMPLE_RATE."""
+    ) -> Pcm:
+        """One piece of text to ``Pcm`` at SAMPLE_RATE."""
         lib = self.load()
         self.set_voice(voice)
         # Set every time: loading a voice may reset them.
@@ -207,15 +208,14 @@ class _EspeakEngine:
         if err != _EE_OK:
             raise TTSError(f"espeak-ng failed to synthesise {text[:40]!r} (error {err})")
         if not samples:
-            return np.zeros(0, np.float32)
+            return silence(0)
         pcm = np.concatenate(samples)
         if trim_lead:
             loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > _SILENCE)
             keep = int(_LEAD_KEEP_S * ESPEAK_RATE)
             pcm = pcm[max(int(loud[0]) - keep, 0) :] if loud.size else pcm[:0]
-        audio = pcm.astype(np.float32) / 32768.0
-        # 16000/22050 = 320/441.
-        return resample_poly(audio, 320, 441).astype(np.float32)
+        # 16000/22050 = 320/441, filtered in float, back to the project's samples.
+        return from_float(resample_poly(to_float(pcm), 320, 441))
 
 
 @functools.cache
@@ -247,7 +247,7 @@ class EspeakBackend(TTSBackend):
         """The language codes espeak-ng accepts as ``voice``."""
         return sorted(self._engine.call_blocking(self._engine.language_table))
 
-    async def stream(self, text: str, voice: str | None = None) -> AsyncIterator[np.ndarray]:
+    async def stream(self, text: str, voice: str | None = None) -> AsyncIterator[Pcm]:
         if len(text) > MAX_TEXT_CHARS:
             raise TTSError(
                 f"text too long for one utterance ({len(text)} characters, at most "

@@ -82,7 +82,7 @@ class AvatarClient:
         self._tasks: list[asyncio.Task] = []
         self.first_video = asyncio.Event()
 
-    async def __aenter__(self) -> "AvatarClient":
+    async def __aenter__(self) -> AvatarClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -148,7 +148,8 @@ class AvatarClient:
                 log.debug("audio packet tap failed", exc_info=True)
             await original(packet, arrival_time_ms)
 
-        receiver._handle_rtp_packet = tapped
+        # aiortc has no hook for raw packets: wrap the receiver's own handler (a measuring aid only)
+        setattr(receiver, "_handle_rtp_packet", tapped)  # noqa: B010
 
         video = next(r for r in self.pc.getReceivers() if r.track and r.track.kind == "video")
         video_original = video._handle_rtp_packet
@@ -162,7 +163,7 @@ class AvatarClient:
                 frames.append(VideoPacket(time.monotonic(), (packet.timestamp - video_first[0]) % (1 << 32)))
             await video_original(packet, arrival_time_ms)
 
-        video._handle_rtp_packet = video_tapped
+        setattr(video, "_handle_rtp_packet", video_tapped)  # noqa: B010
 
     async def _read_video(self, track: Any) -> None:
         n = 0
@@ -215,7 +216,7 @@ class AvatarClient:
                 raise ApiFailure(resp.status, body)
             return body
 
-    async def events(self) -> "EventStream":
+    async def events(self) -> EventStream:
         assert self.http is not None
         ws = await self.http.ws_connect(f"{self.base_url}/humanecho?sessionid={self.session_id}")
         return EventStream(ws)
@@ -243,7 +244,7 @@ class AvatarClient:
 class EventStream:
     """The /humanecho WebSocket: send text, read JSON events."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse[bool]) -> None:
         self.ws = ws
 
     async def send(self, text: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from avatars.landmarks import FaceMeshDetector
-from media.timing import FRAME_S, SAMPLE_RATE, frame_of_video_pts
+from media.timing import FRAME_S, SAMPLE_RATE, VIDEO_TICKS_PER_FRAME
 from tests.support.client import Received
 from tests.support.mouth import mouth_opening
 
@@ -34,7 +34,8 @@ def envelope(received: Received) -> np.ndarray:
 
 
 def video_index(pts: int) -> int:
-    return frame_of_video_pts(pts)
+    """The media frame index a video RTP timestamp (90 kHz, from the stream's origin) shows."""
+    return round(pts / VIDEO_TICKS_PER_FRAME)
 
 
 def mouth_series(received: Received, start: int = 0, stop: int | None = None) -> dict[int, float]:

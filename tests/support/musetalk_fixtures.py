@@ -81,7 +81,7 @@ def tiny_vae(seed: int) -> torch.nn.Module:
 def whisper_checkpoint(seed: int) -> dict:
     """``tiny.pt``'s structure: {"dims", "model_state_dict"} with fp16 tensors and the
     ``encoder.*`` / ``decoder.*`` key names of openai-whisper."""
-    from models.whisper_features import EncoderDims, WhisperAudioEncoder, _Attention, _Block
+    from models.whisper.encoder import EncoderDims, WhisperAudioEncoder, _Attention, _Block
 
     torch.manual_seed(seed)
     d = TINY_WHISPER_DIMS

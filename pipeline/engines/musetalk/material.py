@@ -40,6 +40,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from avatars.avatar import Avatar
 from avatars.landmarks import FACE_OVAL
@@ -164,9 +165,9 @@ def landmark_region(lm478: np.ndarray, cbox: tuple[int, int, int, int]) -> np.nd
     x0, y0, x1, y1 = cbox
     size = (y1 - y0, x1 - x0)
     region = np.zeros(size, np.uint8)
-    pts = np.round(lm478[FACE_OVAL] - np.array([x0, y0], np.float32)).astype(np.int32)
-    cv2.fillPoly(region, [pts], 255)
-    grow = max(3, int(round(0.064 * size[0])))
+    pts: npt.NDArray[np.int32] = (lm478[FACE_OVAL] - np.array([x0, y0], np.float32)).round().astype(np.int32)
+    cv2.fillPoly(region, [pts], (255,))
+    grow = max(3, round(0.064 * size[0]))
     kernel = np.ones((grow, max(1, grow // 3)), np.uint8)
     return cv2.dilate(region, kernel, anchor=(kernel.shape[1] // 2, grow - 1))
 
@@ -247,7 +248,7 @@ def file_identity(path: Path | None) -> str:
     return f"{Path(path).name}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _avatar_identity(avatar: Avatar) -> dict:
+def _avatar_identity(avatar: Avatar) -> dict[str, str | list[int]]:
     frames = Path(avatar.path) / "frames.npy"
     ident = file_identity(frames) if frames.is_file() else f"{avatar.frames.shape}"
     return {
@@ -321,16 +322,16 @@ def build_material(avatar: Avatar, params: MaterialParams, encode: Encoder, pars
         crops = np.stack([face_crop(avatar.frames[i], tuple(boxes[i])) for i in idx])
         latents[idx] = np.asarray(encode(crops), np.float32).astype(np.float16)
     for i in range(n):
-        if boxes[i, 0] < 0:
+        x1, y1, x2, y2 = (int(v) for v in boxes[i])
+        if x1 < 0:
             masks.append(np.zeros(0, np.uint8))
             continue
-        box = tuple(int(v) for v in boxes[i])
-        cbox = crop_box(box, params.expand)
+        cbox = crop_box((x1, y1, x2, y2), params.expand)
         if parser is not None:
             region = parser(crop_padded(avatar.frames[i], cbox), params.parsing_mode)
         else:
             region = landmark_region(avatar.landmarks[i], cbox)
-        masks.append(blend_mask(region, box, cbox, params.upper_boundary_ratio).reshape(-1))
+        masks.append(blend_mask(region, (x1, y1, x2, y2), cbox, params.upper_boundary_ratio).reshape(-1))
     offsets = np.zeros(n + 1, np.int64)
     offsets[1:] = np.cumsum([m.size for m in masks])
     mask_data = np.concatenate(masks) if masks else np.zeros(0, np.uint8)

@@ -17,41 +17,39 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
 from avatars.avatar import Avatar
-from avatars.musetalk_material import (
-    MaterialParams,
-    MuseTalkMaterial,
-    dwpose_landmarks68,
-    file_identity,
-    load_or_build_material,
-)
+from media.pcm import FloatPcm
 from models.checkpoint import CheckpointError
 from models.unet import load_unet, unet_step
 from models.vae import decode_latents, encode_faces, load_vae
-from models.weights import MissingWeights, WeightProblem, optional_present, require_weights, spec
-from models.whisper_features import (
-    FrameFeatureStream,
-    StreamConfig,
-    WhisperAudioEncoder,
-    load_whisper_encoder,
-)
+from models.weights import MissingWeights, WeightProblem, WeightsError, optional_present, require_weights, spec
+from models.whisper import FrameFeatureStream, StreamConfig, WhisperAudioEncoder, load_whisper_encoder
+from pipeline.engines.base import EngineUnavailable, FeatureStream, Frame, LipSyncEngine, RenderItem
 
-from .base import EngineUnavailable, FeatureStream, LipSyncEngine, RenderItem
+from .material import MaterialParams, MuseTalkMaterial, dwpose_landmarks68, file_identity, load_or_build_material
+from .timer import StageTimer
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
+    from models.face_parsing import FaceParser
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "float32": torch.float32}
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
 @dataclass(frozen=True)
@@ -106,10 +104,22 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def _channels_last(module: ModuleT) -> ModuleT:
+    # nn.Module.to, not the module's own: diffusers' override only adds a warning about fp32-pinned modules
+    return torch.nn.Module.to(module, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch stubs lack memory_format=
+
+
+def _compile(module: ModuleT) -> ModuleT:
+    """``torch.compile`` of ``module``: an ``OptimizedModule`` that runs the compiled
+    forward and hands every other attribute to ``module``, so it stands in for it (torch's
+    stubs only say it returns a callable)."""
+    return cast(ModuleT, torch.compile(module, dynamic=False))
+
+
 @dataclass
 class MuseTalkModels:
     unet: torch.nn.Module
-    vae: torch.nn.Module
+    vae: AutoencoderKL
     whisper: WhisperAudioEncoder
     device: torch.device
     dtype: torch.dtype
@@ -117,6 +127,8 @@ class MuseTalkModels:
 
     @classmethod
     def load(cls, data_dir: Path, version: str, device: torch.device, dtype: torch.dtype) -> MuseTalkModels:
+        """The weights of ``version``, or MissingWeights naming the file that is missing or
+        does not load (and the command that fetches it)."""
         paths = require_weights(data_dir, version)
         try:
             unet = load_unet(paths["unet-config"], paths["unet"], device, dtype)
@@ -127,41 +139,6 @@ class MuseTalkModels:
             key = {"unet": f"unet-{version}", "vae": "vae", "whisper": "whisper"}[bad]
             raise MissingWeights(version, data_dir, [WeightProblem(spec(key), paths[bad], "corrupt", str(exc))]) from exc
         return cls(unet, vae, whisper, device, dtype, file_identity(paths["vae"]))
-
-
-class StageTimer:
-    """Milliseconds per render stage; CUDA events on the GPU, so timing adds no syncs."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.totals: dict[str, float] = defaultdict(float)
-        self.calls = 0
-        self._marks: list[tuple[str, Any]] = []
-
-    def _now(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def start(self) -> None:
-        self._marks = [("", self._now())]
-
-    def mark(self, stage: str) -> None:
-        self._marks.append((stage, self._now()))
-
-    def finish(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-        for (_, a), (stage, b) in zip(self._marks, self._marks[1:]):
-            self.totals[stage] += a.elapsed_time(b) if self.cuda else (b - a) * 1000.0
-        self.calls += 1
-        self._marks = []
-
-    def reset(self) -> None:
-        self.totals.clear()
-        self.calls = 0
 
 
 @dataclass
@@ -176,24 +153,35 @@ class _AvatarState:
         """The original face-box pixels (h, w, 3) and mask (h, w), uint8, on the device."""
         if idx in self.patches:
             return self.patches[idx]
-        x1, y1, x2, y2 = self.material.box(idx)  # type: ignore[misc]
+        box = self.material.box(idx)
+        if box is None:
+            raise ValueError(f"avatar {self.avatar.name} frame {idx} has no face box")
+        x1, y1, x2, y2 = box
         orig = torch.from_numpy(np.array(self.avatar.frames[idx, y1:y2, x1:x2])).to(device)  # a copy: frames are read-only
         mask = torch.from_numpy(self.material.mask(idx)).to(device)
         return orig, mask
 
 
-# one frame to render: (output index, avatar state, avatar frame, face box, feature)
-_Work = tuple[int, _AvatarState, int, tuple[int, int, int, int], Any]
+class _Work(NamedTuple):
+    """One frame to render."""
+
+    out: int  # index into the outputs
+    state: _AvatarState
+    frame: int  # avatar frame
+    box: tuple[int, int, int, int]  # face box
+    feature: torch.Tensor  # (50, 384)
 
 
-class _Stream(FeatureStream):
+class _Stream(FeatureStream[torch.Tensor]):
+    """The engine interface over ``models.whisper``'s stream (models know no engines)."""
+
     def __init__(self, inner: FrameFeatureStream) -> None:
         self._inner = inner
 
-    def push(self, pcm: np.ndarray) -> list[Any]:
+    def push(self, pcm: FloatPcm) -> list[torch.Tensor]:
         return self._inner.push(pcm)
 
-    def flush(self) -> list[Any]:
+    def flush(self) -> list[torch.Tensor]:
         return self._inner.flush()
 
 
@@ -204,7 +192,7 @@ def _bucket(n: int, cap: int) -> int:
     return min(max(b, n), max(cap, n))
 
 
-class MuseTalkEngine(LipSyncEngine):
+class MuseTalkEngine(LipSyncEngine[torch.Tensor]):
     name = "musetalk"
 
     def __init__(self, data_dir: Path, **options: Any) -> None:
@@ -215,7 +203,10 @@ class MuseTalkEngine(LipSyncEngine):
         device = pick_device(self.options.device)
         dtype = pick_dtype(self.options.dtype, device)
         started = time.monotonic()
-        models = MuseTalkModels.load(self.data_dir, self.options.version, device, dtype)
+        try:
+            models = MuseTalkModels.load(self.data_dir, self.options.version, device, dtype)
+        except WeightsError as exc:  # missing or damaged weights: the message says how to fetch them
+            raise EngineUnavailable(str(exc)) from exc
         log.info("MuseTalk %s loaded on %s (%s) in %.1f s", self.options.version, device, dtype, time.monotonic() - started)
         self._setup(models)
 
@@ -235,20 +226,20 @@ class MuseTalkEngine(LipSyncEngine):
         self.max_batch = opts.max_batch or (16 if self.device.type == "cuda" else 4)
         self.unet, self.vae, self.whisper = models.unet, models.vae, models.whisper
         if self.device.type == "cuda" and opts.channels_last:
-            # nn.Module.to: diffusers' override only adds a warning about fp32-pinned modules
-            self.unet = torch.nn.Module.to(self.unet, memory_format=torch.channels_last)
-            self.vae = torch.nn.Module.to(self.vae, memory_format=torch.channels_last)
+            self.unet = _channels_last(self.unet)
+            self.vae = _channels_last(self.vae)
         self._compiled = False
         if opts.compile:
-            self.unet = torch.compile(self.unet, dynamic=False)
-            self.vae.decoder = torch.compile(self.vae.decoder, dynamic=False)
+            self.unet = _compile(self.unet)
+            self.vae.decoder = _compile(self.vae.decoder)
             self._compiled = True
         self.stream_config = StreamConfig.from_seconds(opts.whisper_hop_s, opts.whisper_left_s, opts.whisper_right_s)
         self._avatars: dict[str, _AvatarState] = {}
         self._cache_bytes = 0
         self._pinned: torch.Tensor | None = None
+        self._closed = False
         self.timer: StageTimer | None = None
-        self._parser: Any = None
+        self._parser: FaceParser | None = None
         self._parser_id = ""
         path = optional_present(self.data_dir, "face-parsing") if opts.face_parsing else None
         if path is not None:
@@ -316,10 +307,10 @@ class MuseTalkEngine(LipSyncEngine):
     def _patch_bytes(material: MuseTalkMaterial) -> int:
         return int(material.mask_data.size) * 4  # 3 bytes of pixels + 1 of mask per face-box pixel
 
-    def new_stream(self) -> FeatureStream:
+    def new_stream(self) -> FeatureStream[torch.Tensor]:
         return _Stream(FrameFeatureStream(self.whisper, self.options.version, self.stream_config, self.dtype))
 
-    def render(self, items: Sequence[RenderItem], outs: Sequence[np.ndarray]) -> None:
+    def render(self, items: Sequence[RenderItem[torch.Tensor]], outs: Sequence[Frame]) -> None:
         if len(items) != len(outs):
             raise ValueError(f"{len(items)} items but {len(outs)} output frames")
         work: list[_Work] = []
@@ -328,29 +319,31 @@ class MuseTalkEngine(LipSyncEngine):
             if state is None:
                 raise KeyError(f"avatar {item.avatar!r} was not prepared for MuseTalk")
             box = state.material.box(item.avatar_index)
-            if box is None or item.feature is None:
+            if box is None:
                 np.copyto(outs[i], state.avatar.frames[item.avatar_index])  # no face: the frame as it is
                 continue
-            work.append((i, state, item.avatar_index, box, item.feature))
+            work.append(_Work(i, state, item.avatar_index, box, item.feature))
         for start in range(0, len(work), self.max_batch):
             self._render_batch(work[start : start + self.max_batch], outs)
 
     def close(self) -> None:
+        """Drop the weights and every avatar (a closed engine renders nothing more)."""
         self._avatars.clear()
-        self.unet = self.vae = self.whisper = None  # type: ignore[assignment]
-        self.models = None  # type: ignore[assignment]
+        if not self._closed:
+            self._closed = True
+            del self.unet, self.vae, self.whisper, self.models
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     # ---- the batch ----
     @torch.inference_mode()
-    def _render_batch(self, work: list[_Work], outs: Sequence[np.ndarray]) -> None:
+    def _render_batch(self, work: list[_Work], outs: Sequence[Frame]) -> None:
         timer = self.timer
         if timer:
             timer.start()
         n = len(work)
-        latents = torch.stack([state.latents[idx] for _, state, idx, _, _ in work])
-        audio = torch.stack([torch.as_tensor(f).to(self.device, self.dtype) for *_, f in work])
+        latents = torch.stack([w.state.latents[w.frame] for w in work])
+        audio = torch.stack([w.feature.to(self.device, self.dtype) for w in work])
         if self._compiled and (size := _bucket(n, self.max_batch)) > n:
             latents = torch.cat([latents, latents[-1:].expand(size - n, -1, -1, -1)])
             audio = torch.cat([audio, audio[-1:].expand(size - n, -1, -1)])
@@ -366,10 +359,10 @@ class MuseTalkEngine(LipSyncEngine):
         host = self._to_host(patches)
         if timer:
             timer.mark("paste_back")
-        for (i, state, idx, box, _), patch in zip(work, host):
-            x1, y1, x2, y2 = box
-            out = outs[i]
-            np.copyto(out, state.avatar.frames[idx])
+        for w, patch in zip(work, host, strict=True):
+            x1, y1, x2, y2 = w.box
+            out = outs[w.out]
+            np.copyto(out, w.state.avatar.frames[w.frame])
             out[y1:y2, x1:x2] = patch
         if timer:
             timer.mark("ring_write")
@@ -379,16 +372,16 @@ class MuseTalkEngine(LipSyncEngine):
         """Each face resized to its box and mixed with the original pixels through its
         mask: out = orig + (face - orig) * mask / 255, rounded to uint8, on the device."""
         patches = []
-        for k, (_, state, idx, box, _) in enumerate(work):
-            x1, y1, x2, y2 = box
+        for k, w in enumerate(work):
+            x1, y1, x2, y2 = w.box
             face = F.interpolate(faces[k : k + 1], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)[0]
-            orig, mask = state.patch(idx, self.device)
+            orig, mask = w.state.patch(w.frame, self.device)
             o = orig.permute(2, 0, 1).float()
             mixed = o + (face - o) * (mask.float() / 255.0)
             patches.append(mixed.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous())
         return patches
 
-    def _to_host(self, patches: list[torch.Tensor]) -> list[np.ndarray]:
+    def _to_host(self, patches: list[torch.Tensor]) -> list[npt.NDArray[np.uint8]]:
         """One device-to-host copy for the whole batch (into pinned memory on CUDA)."""
         flat = torch.cat([p.reshape(-1) for p in patches])
         if flat.is_cuda:

@@ -1,0 +1,249 @@
+"""The sessions of one server, and its one inference worker.
+
+The manager opens and closes sessions, owns every shared-memory ring it hands the worker
+(so a crash leaks nothing), routes what the worker sends back to the session it is for,
+and re-opens every session on a new worker after a restart. It builds its worker itself,
+from a factory, and is that worker's handler: nothing is wired after construction.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiortc import RTCSessionDescription
+
+from avatars.avatar import Avatar, AvatarNotFound, InvalidAvatarName, check_name, load_avatar
+from pipeline.client import WorkerHandler, WorkerLink
+from pipeline.frame_ring import FrameRing
+from pipeline.messages import (
+    CloseSession,
+    ForgetAvatar,
+    FrameReady,
+    FromWorker,
+    GenerateVideo,
+    JobDone,
+    SessionOpened,
+    VideoResult,
+    WorkerError,
+    WorkerReady,
+    WorkerStats,
+)
+from server.config import ServerConfig
+from server.errors import BadRequest, ErrorCode, LipSyncError, NotFound, TooManySessions, UnknownAvatar, UnknownSession, WorkerUnavailable
+from server.peer import answer_offer
+from server.player import IdleCache
+from server.session import Session
+from tts.base import TTSBackend
+
+log = logging.getLogger(__name__)
+
+OPEN_TIMEOUT_S = 120.0
+
+WorkerFactory = Callable[[WorkerHandler], WorkerLink]
+
+
+@dataclass
+class _Counters:
+    video_frames_skipped: int = 0  # by sessions already closed
+    worker: WorkerStats | None = None
+    recordings: dict[str, Path] = field(default_factory=dict)  # of sessions already closed, too
+
+
+class SessionManager:
+    def __init__(self, config: ServerConfig, tts: TTSBackend, worker_factory: WorkerFactory) -> None:
+        self.config = config
+        self.tts = tts
+        self.worker: WorkerLink = worker_factory(self)
+        self._sessions: dict[str, Session] = {}
+        self._avatars: dict[str, Avatar] = {}
+        self._idle_yuv: dict[str, IdleCache] = {}
+        self._jobs: dict[str, asyncio.Future[JobDone]] = {}
+        self._counters = _Counters()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> WorkerReady:
+        return await self.worker.start()
+
+    async def stop(self) -> None:
+        await self.close_all()
+        await self.worker.stop()
+
+    # ---- avatars ----
+    def avatar(self, name: str) -> Avatar:
+        """A prepared avatar, loaded once and shared by its sessions."""
+        try:
+            check_name(name)
+        except InvalidAvatarName as exc:
+            raise BadRequest(str(exc)) from None
+        if name not in self._avatars:
+            try:
+                self._avatars[name] = load_avatar(self.config.data_dir, name)
+            except AvatarNotFound as exc:
+                raise UnknownAvatar(f"{exc}; prepare it with: python -m avatars prepare --name {name} --source VIDEO") from None
+        return self._avatars[name]
+
+    def forget_avatar(self, name: str) -> None:
+        """The avatar was prepared again: sessions opened from now on get the new one."""
+        self._avatars.pop(name, None)
+        self._idle_yuv.pop(name, None)
+        self.worker.send(ForgetAvatar(name))
+
+    # ---- sessions ----
+    def get(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise UnknownSession(f"unknown session {session_id!r}: open one with POST /offer")
+        return session
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    async def open(self, offer: RTCSessionDescription, avatar_name: str | None = None) -> tuple[Session, RTCSessionDescription]:
+        """A new session for a WebRTC offer: the session and the SDP answer."""
+        session = await self.create(self.avatar(avatar_name or self.config.avatar))
+        try:
+            answer = await answer_offer(session, offer, self.config.ice_servers, self.config.connect_timeout_s, self._peer_gone)
+        except ValueError as exc:
+            await self.close(session.id)
+            raise BadRequest(f"could not answer this offer: {exc}") from None
+        except BaseException:
+            await self.close(session.id)
+            raise
+        log.info("session %s opened with avatar %s", session.id, session.avatar.name)
+        return session, answer
+
+    async def create(self, avatar: Avatar) -> Session:
+        """A session on ``avatar``, opened in the worker, with no peer yet."""
+        if len(self._sessions) >= self.config.max_sessions:
+            raise TooManySessions(
+                f"the server is at its limit of {self.config.max_sessions} sessions; try again later or raise --max-sessions"
+            )
+        if not self.worker.alive:
+            raise WorkerUnavailable("the inference worker is not running; try again in a moment")
+        session_id = secrets.token_hex(8)
+        ring = FrameRing.create(self.config.ring_slots, avatar.frame_shape, tag=session_id)
+        session = Session(session_id, avatar, ring, self.tts, self.worker, self._idle_yuv.setdefault(avatar.name, {}))
+        self._sessions[session_id] = session
+        self.worker.send(session.open_message())
+        try:
+            result = await asyncio.wait_for(asyncio.shield(session.opened), OPEN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            await self.close(session_id)
+            raise WorkerUnavailable("the inference worker did not open the session in time") from None
+        if not result.ok:
+            await self.close(session_id)
+            raise WorkerUnavailable(f"the inference worker could not open the session: {result.error}")
+        return session
+
+    def _peer_gone(self, session_id: str) -> None:
+        task = asyncio.ensure_future(self.close(session_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self, session_id: str) -> None:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return
+        self._counters.video_frames_skipped += session.player.video_frames_skipped
+        self.worker.send(CloseSession(session_id))
+        await session.close()
+        if session.last_recording is not None:
+            self._counters.recordings[session_id] = session.last_recording
+        log.info("session %s closed (%d open)", session_id, len(self._sessions))
+
+    async def close_all(self) -> None:
+        for session_id in list(self._sessions):
+            await self.close(session_id)
+
+    # ---- recordings ----
+    def recording_path(self, session: Session) -> Path:
+        return Path(self.config.data_dir) / "recordings" / f"{session.id}-{_timestamp()}.mp4"
+
+    def recording(self, session_id: str) -> Path:
+        """The last finished recording of a session, open or closed."""
+        session = self._sessions.get(session_id)
+        path = session.last_recording if session is not None else None
+        path = path or self._counters.recordings.get(session_id)
+        if path is None or not path.is_file():
+            raise NotFound(f"no finished recording for session {session_id!r}")
+        return path
+
+    # ---- offline jobs ----
+    async def generate_video(self, avatar: str, audio_path: Path, out_path: Path) -> VideoResult:
+        """An offline mp4 rendered by the worker, with the engine and weights it already
+        holds, in the gaps between live sessions' batches."""
+        if not self.worker.alive:
+            raise WorkerUnavailable("the inference worker is not running; try again in a moment")
+        job_id = secrets.token_hex(8)
+        future: asyncio.Future[JobDone] = asyncio.get_running_loop().create_future()
+        self._jobs[job_id] = future
+        self.worker.send(GenerateVideo(job_id, avatar, str(audio_path), str(out_path)))
+        try:
+            done = await future
+        finally:
+            self._jobs.pop(job_id, None)
+        if done.result is None:
+            raise LipSyncError(f"could not render {audio_path.name}: {done.error}", ErrorCode.UNSUPPORTED_AUDIO)
+        return done.result
+
+    # ---- figures ----
+    def stats(self) -> dict[str, Any]:
+        w = self._counters.worker
+        ready = self.worker.ready_info
+        skipped = {sid: s.player.video_frames_skipped for sid, s in self._sessions.items()}
+        return {
+            "sessions": len(self._sessions),
+            "max_sessions": self.config.max_sessions,
+            "engine": ready.engine if ready else None,
+            "worker_pid": self.worker.pid,
+            "worker_restarts": self.worker.restarts,
+            "frames_rendered": w.frames_rendered if w else 0,
+            "render_seconds": round(w.render_seconds, 3) if w else 0.0,
+            "video_frames_skipped": skipped,
+            "video_frames_skipped_total": self._counters.video_frames_skipped + sum(skipped.values()),
+        }
+
+    # ---- WorkerHandler ----
+    def on_worker_message(self, msg: FromWorker) -> None:
+        match msg:
+            case FrameReady():
+                session = self._sessions.get(msg.session_id)
+                if session is not None:
+                    session.on_frame(msg)
+                # else: the session is gone and its ring unlinked with it
+            case SessionOpened():
+                session = self._sessions.get(msg.session_id)
+                if session is not None and not session.opened.done():
+                    session.opened.set_result(msg)
+            case WorkerError():
+                session = self._sessions.get(msg.session_id)
+                if session is not None:
+                    session.on_worker_error(msg)
+                else:
+                    log.error("worker: %s", msg.message)
+            case JobDone():
+                future = self._jobs.get(msg.job_id)
+                if future is not None and not future.done():
+                    future.set_result(msg)
+            case WorkerStats():
+                self._counters.worker = msg
+            case WorkerReady():
+                pass  # the client consumes it while starting
+
+    async def on_worker_restart(self) -> None:
+        for job_id, future in list(self._jobs.items()):
+            if not future.done():
+                future.set_result(JobDone(job_id, None, error="the inference worker restarted during the job; send it again"))
+        for session in list(self._sessions.values()):
+            session.on_worker_lost()
+            self.worker.send(session.open_message())
+
+
+def _timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")

@@ -1,0 +1,164 @@
+"""One live session: a WebRTC peer watching one avatar.
+
+A session is its roles wired together, each owning one thing:
+
+* ``events`` (``SessionEvents``): what listeners hear;
+* ``feeder`` (``SpeechFeeder``): speech in, PCM to the worker; owns the generation;
+* ``player`` (``SessionPlayer``): each 40 ms frame decided once; owns the idle cursor;
+* frame sinks on the player: recorders (and whatever else wants every frame).
+
+The session's own methods are what routes call; each does one thing through its roles.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiortc import RTCPeerConnection
+
+from avatars.avatar import Avatar
+from media.pcm import Pcm
+from pipeline.client import WorkerLink
+from pipeline.frame_ring import FrameRing
+from pipeline.messages import FrameReady, OpenSession, SessionOpened, WorkerError
+from server.errors import BadRequest, Conflict, ErrorCode
+from server.events import Closed, ErrorEvent, SessionEvents
+from server.player import IdleCache, SessionPlayer
+from server.recorder import Recorder
+from server.speech import SpeechFeeder
+from tts.base import TTSBackend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """What an interrupt stopped."""
+
+    utterances: list[str]  # cut off, queued or speaking
+    last_frame: int  # the newest frame already decided; every later one is silent
+
+
+class Session:
+    def __init__(
+        self, session_id: str, avatar: Avatar, ring: FrameRing, tts: TTSBackend, worker: WorkerLink, idle_yuv: IdleCache
+    ) -> None:
+        self.id = session_id
+        self.avatar = avatar
+        self.ring = ring
+        self._worker = worker
+        self.events = SessionEvents(session_id)
+        self.feeder = SpeechFeeder(session_id, tts, worker.send, lambda: self.player.cursor, self.events)
+        self.player = SessionPlayer(avatar, ring, lambda: self.feeder.generation, listener=self, idle_yuv=idle_yuv)
+        self.pc: RTCPeerConnection | None = None
+        self.opened: asyncio.Future[SessionOpened] = asyncio.get_running_loop().create_future()
+        self.created_at = time.monotonic()
+        self.audiotype = 0
+        self.closed = False
+        self._recorder: Recorder | None = None
+        self.last_recording: Path | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def keep(self, task: asyncio.Task[None]) -> None:
+        """Hold a background task of this session until it ends or the session closes."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def open_message(self) -> OpenSession:
+        """What tells a worker about this session (on creation, and again after a restart)."""
+        return OpenSession(self.id, self.avatar.name, self.ring.name, self.ring.slots, self.avatar.frame_shape)
+
+    # ---- speech ----
+    @property
+    def is_speaking(self) -> bool:
+        return self.feeder.is_speaking
+
+    def say(self, text: str, interrupt: bool = False) -> str:
+        if interrupt:
+            self.interrupt()
+        return self.feeder.say(text)
+
+    def play_audio(self, pcm: Pcm, interrupt: bool = False) -> str:
+        if interrupt:
+            self.interrupt()
+        return self.feeder.play(pcm)
+
+    def interrupt(self) -> Cut:
+        """Stop speaking now."""
+        last_frame = self.player.last_decided
+        self.player.cut()
+        return Cut(self.feeder.interrupt(), last_frame)
+
+    # ---- the idle loop ----
+    def set_clip(self, audiotype: int, reinit: bool) -> int:
+        """Choose what plays while silent: 0 the idle loop, 1..n the avatar's action clips."""
+        clips = self.avatar.clips
+        if audiotype != 0 and not (1 <= audiotype <= len(clips)):
+            raise BadRequest(
+                f"audiotype {audiotype} is not a clip of avatar {self.avatar.name!r}: "
+                f"it has {len(clips)} action clip(s); 0 is the idle loop"
+            )
+        self.audiotype = audiotype
+        if reinit:
+            self.player.restart_idle()
+        return audiotype
+
+    # ---- PlaybackListener: the player's news ----
+    def on_playback_started(self, utterance_id: str) -> None:
+        self.feeder.started(utterance_id)
+
+    def on_playback_ended(self, utterance_id: str) -> None:
+        self.feeder.ended(utterance_id)
+
+    # ---- the worker's news ----
+    def on_frame(self, msg: FrameReady) -> None:
+        self.player.push(msg)
+
+    def on_worker_error(self, msg: WorkerError) -> None:
+        self.events.publish(ErrorEvent(int(ErrorCode.WORKER_UNAVAILABLE), msg.message))
+        self.interrupt()
+
+    def on_worker_lost(self) -> None:
+        """The worker died: what it held for us is gone; show idle until it is back."""
+        self.player.cut()
+        self.ring.reset()
+        self.feeder.worker_lost()
+
+    # ---- recording ----
+    def start_record(self, path: Path) -> None:
+        if self._recorder is not None:
+            raise Conflict("this session is already recording; send end_record first")
+        self._recorder = Recorder(path, self.avatar.width, self.avatar.height)
+        self.player.add_sink(self._recorder.add)
+
+    async def end_record(self) -> Path:
+        if self._recorder is None:
+            raise Conflict("this session is not recording; send start_record first")
+        recorder, self._recorder = self._recorder, None
+        self.player.remove_sink(recorder.add)
+        path = await asyncio.get_running_loop().run_in_executor(None, recorder.finish)
+        self.last_recording = path
+        return path
+
+    # ---- teardown ----
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        self.feeder.close()
+        self.events.publish(Closed())
+        if self._recorder is not None:
+            try:
+                await self.end_record()
+            except Exception:
+                log.exception("session %s: finishing the recording failed", self.id)
+        self.player.close()
+        if self.pc is not None:
+            await self.pc.close()
+        self.ring.close()

@@ -1,0 +1,184 @@
+"""The speech feeder: text or audio in, PCM chunks out to the worker, one utterance after
+another. It alone owns the session's generation: an interrupt bumps it, and every stage
+drops what carries an older one (queued text, TTS in progress here; PCM and features in
+the worker, which is told; frames rendered but not shown, in the player, which checks)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from media.pcm import Pcm, silence
+from media.timing import SAMPLE_RATE
+from pipeline.messages import AudioChunk, Interrupt, ToWorker
+from server.errors import ErrorCode
+from server.events import ErrorEvent, Queued, SessionEvents, SpeakingEnded, SpeakingStarted
+from tts.base import TTSBackend, TTSError
+
+log = logging.getLogger(__name__)
+
+START_LEAD_FRAMES = 2  # frames between sending speech and its first frame being shown
+UPLOAD_CHUNK_SAMPLES = SAMPLE_RATE  # uploaded audio goes to the worker a second at a time
+
+
+class UtteranceState(Enum):
+    QUEUED = "queued"
+    SPEAKING = "speaking"
+
+
+@dataclass
+class Utterance:
+    id: str
+    generation: int
+    text: str | None = None
+    pcm: Pcm | None = None  # uploaded audio; text is synthesised when its turn comes
+    samples_sent: int = 0
+    state: UtteranceState = UtteranceState.QUEUED
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class SpeechFeeder:
+    def __init__(
+        self,
+        session_id: str,
+        tts: TTSBackend,
+        send: Callable[[ToWorker], None],
+        cursor: Callable[[], int],
+        events: SessionEvents,
+    ) -> None:
+        self.session_id = session_id
+        self._tts = tts
+        self._send = send
+        self._cursor = cursor  # the player's position on the idle loop
+        self._events = events
+        self._generation = 0
+        self._counter = 0
+        self._utterances: dict[str, Utterance] = {}
+        self._queue: asyncio.Queue[Utterance] = asyncio.Queue()
+        self._closed = False
+        self._task: asyncio.Task[None] | None = asyncio.ensure_future(self._run())
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def is_speaking(self) -> bool:
+        """True from the moment speech is queued until its last frame is shown."""
+        return bool(self._utterances)
+
+    # ---- in ----
+    def say(self, text: str) -> str:
+        return self._enqueue(text=text)
+
+    def play(self, pcm: Pcm) -> str:
+        return self._enqueue(pcm=pcm)
+
+    def _enqueue(self, text: str | None = None, pcm: Pcm | None = None) -> str:
+        self._counter += 1
+        utt = Utterance(f"{self.session_id}-{self._counter}", self._generation, text=text, pcm=pcm)
+        self._utterances[utt.id] = utt
+        self._queue.put_nowait(utt)
+        self._events.publish(Queued(utt.id, text, "text" if text is not None else "audio"))
+        return utt.id
+
+    # ---- stopping ----
+    def interrupt(self) -> list[str]:
+        """Drop all speech, queued or in progress, here and in the worker; returns the
+        utterances that were cut."""
+        cut = self._reset()
+        self._send(Interrupt(self.session_id))
+        for utt_id in cut:
+            self._events.publish(SpeakingEnded(utt_id, interrupted=True))
+        return cut
+
+    def worker_lost(self) -> list[str]:
+        """The worker died with our speech in it: a new one knows nothing to drop."""
+        cut = self._reset()
+        for utt_id in cut:
+            self._events.publish(
+                ErrorEvent(int(ErrorCode.WORKER_UNAVAILABLE), "the inference worker restarted; speech was cut off", utt_id)
+            )
+            self._events.publish(SpeakingEnded(utt_id, interrupted=True))
+        return cut
+
+    def _reset(self) -> list[str]:
+        self._generation += 1
+        if self._task is not None:
+            self._task.cancel()
+        self._queue = asyncio.Queue()
+        cut = list(self._utterances)
+        self._utterances.clear()
+        if not self._closed:
+            self._task = asyncio.ensure_future(self._run())
+        return cut
+
+    def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        for utt_id in list(self._utterances):
+            self._end(utt_id, SpeakingEnded(utt_id, interrupted=True))
+
+    # ---- from the player ----
+    def started(self, utterance_id: str) -> None:
+        utt = self._utterances.get(utterance_id)
+        if utt is not None and utt.state is UtteranceState.QUEUED:
+            utt.state = UtteranceState.SPEAKING
+            latency_ms = round((time.monotonic() - utt.queued_at) * 1000, 1)
+            self._events.publish(SpeakingStarted(utterance_id, latency_ms))
+
+    def ended(self, utterance_id: str) -> None:
+        self._end(utterance_id, SpeakingEnded(utterance_id))
+
+    def _end(self, utterance_id: str, event: SpeakingEnded) -> None:
+        if self._utterances.pop(utterance_id, None) is not None:
+            self._events.publish(event)
+
+    # ---- out ----
+    async def _pcm(self, utt: Utterance) -> AsyncIterator[Pcm]:
+        if utt.text is not None:
+            async for chunk in self._tts.stream(utt.text):
+                yield chunk
+        elif utt.pcm is not None:
+            for start in range(0, utt.pcm.size, UPLOAD_CHUNK_SAMPLES):
+                yield utt.pcm[start : start + UPLOAD_CHUNK_SAMPLES]
+
+    def _chunk(self, utt: Utterance, pcm: Pcm, final: bool = False, start_cursor: int = 0) -> AudioChunk:
+        return AudioChunk(self.session_id, self._generation, utt.id, pcm, SAMPLE_RATE, final, start_cursor)
+
+    async def _run(self) -> None:
+        queue = self._queue
+        while True:
+            utt = await queue.get()
+            if utt.generation != self._generation or utt.id not in self._utterances:
+                continue
+            try:
+                async for pcm in self._pcm(utt):
+                    if pcm.size == 0:
+                        continue
+                    start = self._cursor() + START_LEAD_FRAMES if utt.samples_sent == 0 else 0
+                    self._send(self._chunk(utt, pcm, start_cursor=start))
+                    utt.samples_sent += pcm.size
+                if utt.samples_sent == 0:
+                    self._end(utt.id, SpeakingEnded(utt.id, empty=True))
+                    continue
+                self._send(self._chunk(utt, silence(0), final=True))
+            except TTSError as exc:
+                log.warning("session %s: TTS failed: %s", self.session_id, exc)
+                self._events.publish(ErrorEvent(int(ErrorCode.TTS_FAILED), str(exc), utt.id))
+                if utt.samples_sent:
+                    self._send(self._chunk(utt, silence(0), final=True))
+                else:
+                    self._end(utt.id, SpeakingEnded(utt.id, error=True))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("session %s: speech failed", self.session_id)
+                self._events.publish(ErrorEvent(int(ErrorCode.INTERNAL), f"speech failed: {exc}", utt.id))
+                self._end(utt.id, SpeakingEnded(utt.id, error=True))
+
