@@ -109,10 +109,10 @@ class SessionManager:
         session = await self.create(self.avatar(avatar_name or self.config.avatar))
         try:
             answer = await answer_offer(session, offer, self.config.ice_servers, self.config.connect_timeout_s, self._peer_gone)
-        except ValueError as exc:
+        except Exception as exc:  # aiortc raises ValueError and several of its own on SDP it cannot answer
             await self.close(session.id)
             raise BadRequest(f"could not answer this offer: {exc}") from None
-        except BaseException:
+        except BaseException:  # cancelled mid-answer: the session must not outlive the request
             await self.close(session.id)
             raise
         log.info("session %s opened with avatar %s", session.id, session.avatar.name)
