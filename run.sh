@@ -6,6 +6,11 @@
 #   ./run.sh test [ARGS]  set up with the test extras, then lint (ruff), type-check (mypy) and run
 #                         the whole test suite (ARGS go to pytest)
 #   ./run.sh bench [...]  set up, then run the benchmarks (python -m bench ...)
+#   ./run.sh gpu-check [--dry-run]
+#                         the one-call MuseTalk check for a bare GPU machine (no set-up, no
+#                         network: the machine's python3 with its CUDA torch, plus wheels
+#                         carried in .whl/); one report under $OUT or bench/out/. --dry-run:
+#                         the same path on this machine's CPU with tiny sizes (about a minute)
 #
 # Idempotent: the environment is (re)installed only when pyproject.toml changes.
 # Settings: LIPSYNC_VENV (default .venv), PYTHON (default python3), and any server
@@ -19,6 +24,21 @@ MODE="${1:-serve}"
 [ $# -gt 0 ] && shift
 
 log() { printf '[run.sh] %s\n' "$*" >&2; }
+
+if [ "$MODE" = gpu-check ]; then
+    # Before any set-up: a bare GPU machine has no network to install from. The project's
+    # environment runs it where it has torch (the dry run here), else the machine's python3.
+    GPY="${LIPSYNC_GPU_PYTHON:-}"
+    if [ -z "$GPY" ]; then
+        if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+            GPY="$VENV/bin/python"
+        else
+            GPY="$PYTHON"
+        fi
+    fi
+    log "gpu-check with $GPY"
+    PYTHONUNBUFFERED=1 exec "$GPY" -m bench gpu-check "$@"
+fi
 
 "$PYTHON" - <<'PY' || { log "Python 3.10 or newer is needed (set PYTHON=/path/to/python3.x)"; exit 1; }
 import sys
@@ -82,7 +102,7 @@ case "$MODE" in
         exec "$PY" -m bench "$@"
         ;;
     *)
-        log "unknown command '$MODE': use './run.sh', './run.sh test' or './run.sh bench'"
+        log "unknown command '$MODE': use './run.sh', './run.sh test', './run.sh bench' or './run.sh gpu-check'"
         exit 2
         ;;
 esac

@@ -19,6 +19,7 @@ from bench.table import print_table
 from media.pcm import to_float
 from media.timing import SAMPLE_RATE
 from pipeline.engines import RenderItem, create_engine
+from pipeline.engines.base import whole_utterance
 from pipeline.frame_ring import FrameRing
 
 
@@ -76,8 +77,7 @@ def run(args: argparse.Namespace) -> None:
     engine = create_engine("cpu", data_dir)
     pcm = speech(8.0)
     t = time.perf_counter()
-    stream = engine.new_stream()
-    features = stream.push(pcm) + stream.flush()
+    features = whole_utterance(engine, pcm)
     feat_ms = (time.perf_counter() - t) * 1000 / max(1, len(features))
     avatar = ensure_default_avatar(data_dir)
     rows = []

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from .checkpoint import assign_state_dict, load_state_dict, strip_prefix
@@ -168,8 +169,10 @@ def load_bisenet(path: Path | str, device: str | torch.device = "cpu") -> BiSeNe
 
 
 def _jaw_kernel() -> np.ndarray:
-    """A downward cone then a column (33 x 33): dilating with it grows the skin region
-    below the jaw line, where the generated chin may move (the reference's jaw mode)."""
+    """The reference's jaw-mode kernel (33 x 33, centre row 16): rows 10-20 a cone
+    widening downward from 1 to 21 pixels, rows 21-32 a 21-wide column. ``cv2.dilate``
+    applies it unreflected, so skin grows up to 16 rows upward (10 columns either side)
+    and a tapering 6 rows downward."""
     cone, tail = 21, 12
     size = cone + tail
     k = np.zeros((size, size), np.uint8)
@@ -182,45 +185,86 @@ def _jaw_kernel() -> np.ndarray:
     return k
 
 
-class FaceParser:
-    """RGB face crop in, 0/255 mask of the talking region out (same size as the crop)."""
+#: How a crop is resized to the 512 parsing canvas and the mask back to the crop:
+#: "pil" as MuseTalk's ``FaceParsing.__call__`` (PIL bilinear, which filters over the
+#: source when it shrinks) and ``face_seg`` (PIL's default filter, bicubic); "cv2":
+#: OpenCV's linear both ways (no anti-aliasing).
+RESIZES = ("pil", "cv2")
+MODES = ("jaw", "raw", "neck")
 
-    def __init__(self, path: Path | str, device: str | torch.device = "cpu", cheek_width: int = 80) -> None:
+
+def cheek_mask(left_cheek_width: int, right_cheek_width: int) -> np.ndarray:
+    """255 over the canvas's outer columns, where ``jaw`` mode erodes the jaw dilation
+    back: columns up to and including ``centre - left`` and from ``centre + right`` on.
+    The reference fills these with ``cv2.rectangle``, whose corners are inclusive (and a
+    left edge past column 0 still fills column 0)."""
+    mask = np.zeros((INPUT_SIZE, INPUT_SIZE), np.uint8)
+    centre = INPUT_SIZE // 2
+    mask[:, : max(centre - left_cheek_width, 0) + 1] = 255
+    mask[:, max(centre + right_cheek_width, 0) :] = 255
+    return mask
+
+
+def talking_region(parsing: np.ndarray, mode: str, left_cheek_width: int = 80, right_cheek_width: int = 80) -> np.ndarray:
+    """0/255 region of a class map that the generated face may replace (the reference's
+    ``FaceParsing.__call__``). ``jaw``: skin dilated with the jaw kernel, eroded back
+    sideways outside the central ``left + right`` columns, without the nose, plus mouth
+    and lips; ``raw``: skin, mouth and lips; ``neck``: those and the neck."""
+    if mode == "jaw":
+        skin = np.where(parsing == SKIN, 255, 0).astype(np.uint8)
+        grown = cv2.dilate(skin, _JAW_KERNEL, iterations=1)
+        eroded = cv2.erode(grown, _CHEEK_KERNEL, iterations=2)
+        cheeks = cheek_mask(left_cheek_width, right_cheek_width)
+        region = cv2.bitwise_or(cv2.bitwise_and(eroded, cheeks), cv2.bitwise_and(grown, cv2.bitwise_not(cheeks)))
+        mask = ((region == 255) & (parsing != NOSE)) | np.isin(parsing, (MOUTH, UPPER_LIP, LOWER_LIP))
+    elif mode == "neck":
+        mask = np.isin(parsing, (SKIN, MOUTH, UPPER_LIP, LOWER_LIP, NECK))
+    elif mode == "raw":
+        mask = np.isin(parsing, (SKIN, MOUTH, UPPER_LIP, LOWER_LIP))
+    else:
+        raise ValueError(f"unknown parsing mode {mode!r}: {', '.join(MODES)}")
+    return np.where(mask, 255, 0).astype(np.uint8)
+
+
+def _resize(image: np.ndarray, size: tuple[int, int], method: str, pil_filter: Image.Resampling) -> np.ndarray:
+    """``image`` resized to ``size`` (width, height)."""
+    if method == "pil":
+        return np.asarray(Image.fromarray(image).resize(size, pil_filter))
+    if method == "cv2":
+        return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    raise ValueError(f"unknown resize {method!r}: {', '.join(RESIZES)}")
+
+
+_JAW_KERNEL = _jaw_kernel()
+_CHEEK_KERNEL = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (35, 3))
+
+
+class FaceParser:
+    """RGB face crop in, 0/255 mask of the talking region out (same size as the crop).
+
+    ``path`` is the ``79999_iter.pth`` checkpoint, or a network already built (a test's).
+    ``cheek_width`` is the default of both cheek widths (80, as the reference's class;
+    its scripts pass 90 for v1.5, which the engine passes per call)."""
+
+    def __init__(self, path: Path | str | nn.Module, device: str | torch.device = "cpu", cheek_width: int = 80) -> None:
         self.device = torch.device(device)
-        self.net = load_bisenet(path, self.device)
-        self.jaw_kernel = _jaw_kernel()
-        self.cheek_kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (35, 3))
-        # the outer quarters of the 512 parsing canvas, where the jaw dilation is eroded back
-        cheeks = np.zeros((INPUT_SIZE, INPUT_SIZE), np.uint8)
-        centre = INPUT_SIZE // 2
-        cheeks[:, : centre - cheek_width] = 255
-        cheeks[:, centre + cheek_width :] = 255
-        self.cheeks = cheeks
+        self.net = path.to(self.device).eval() if isinstance(path, nn.Module) else load_bisenet(path, self.device)
+        self.cheek_width = cheek_width
 
     @torch.no_grad()
-    def classes(self, crop: np.ndarray) -> np.ndarray:
-        """(512, 512) class index map of an RGB uint8 crop resized to 512 x 512."""
-        img = cv2.resize(crop, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_LINEAR)
-        x = torch.from_numpy(img).to(self.device).permute(2, 0, 1).float() / 255.0
+    def classes(self, crop: np.ndarray, resize: str = "pil") -> np.ndarray:
+        """(512, 512) class index map of an RGB uint8 crop resized to 512 x 512 (``RESIZES``)."""
+        img = _resize(np.ascontiguousarray(crop), (INPUT_SIZE, INPUT_SIZE), resize, Image.Resampling.BILINEAR)
+        x = torch.from_numpy(np.array(img)).to(self.device).permute(2, 0, 1).float() / 255.0
         mean = torch.tensor(_MEAN, device=self.device)[:, None, None]
         std = torch.tensor(_STD, device=self.device)[:, None, None]
         logits = self.net(((x - mean) / std)[None])
         return logits[0].argmax(0).to(torch.uint8).cpu().numpy()
 
-    def __call__(self, crop: np.ndarray, mode: str = "jaw") -> np.ndarray:
-        parsing = self.classes(crop)
-        if mode == "jaw":
-            skin = np.where(parsing == SKIN, 255, 0).astype(np.uint8)
-            grown = cv2.dilate(skin, self.jaw_kernel, iterations=1)
-            eroded = cv2.erode(grown, self.cheek_kernel, iterations=2)
-            region = cv2.bitwise_or(cv2.bitwise_and(eroded, self.cheeks), cv2.bitwise_and(grown, cv2.bitwise_not(self.cheeks)))
-            mask = ((region == 255) & (parsing != NOSE)) | np.isin(parsing, (MOUTH, UPPER_LIP, LOWER_LIP))
-        elif mode == "neck":
-            mask = np.isin(parsing, (SKIN, MOUTH, UPPER_LIP, LOWER_LIP, NECK))
-        elif mode == "raw":
-            mask = np.isin(parsing, (SKIN, MOUTH, UPPER_LIP, LOWER_LIP))
-        else:
-            raise ValueError(f"unknown parsing mode {mode!r}: jaw, raw or neck")
-        out = np.where(mask, 255, 0).astype(np.uint8)
+    def __call__(self, crop: np.ndarray, mode: str = "jaw", *, left_cheek_width: int | None = None,
+                 right_cheek_width: int | None = None, resize: str = "pil") -> np.ndarray:
+        left = self.cheek_width if left_cheek_width is None else left_cheek_width
+        right = self.cheek_width if right_cheek_width is None else right_cheek_width
+        region = talking_region(self.classes(crop, resize), mode, left, right)
         h, w = crop.shape[:2]
-        return cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR)
+        return _resize(region, (w, h), resize, Image.Resampling.BICUBIC)

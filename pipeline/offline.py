@@ -2,9 +2,9 @@
 
     python -m pipeline.offline --avatar NAME --audio FILE --out FILE.mp4 [--engine auto|cpu|musetalk]
 
-The same engine code as the live path: the audio goes through the engine's feature
-stream in chunks, frames are rendered in batches of ``engine.max_batch`` and encoded as
-they come, so memory stays flat however long the audio. Every sample of audio lands in
+The same engine code as the live path: the whole audio goes into the engine's feature
+stream (so features are those of the complete utterance), then frames are rendered in
+batches of ``engine.max_batch`` and encoded as they come. Every sample of audio lands in
 a frame: ``ceil(samples / 640)`` frames at 25 fps, the audio padded with silence to
 exactly that length (the reference scripts drop the last partial second). The avatar
 frames follow the idle loop (forward, then backward), as a live session's do.
@@ -105,31 +105,23 @@ def iter_generate_video(
 
 
 def _render_frames(engine: LipSyncEngine[F], avatar: Avatar, pcm: Pcm, total: int, writer: Mp4Writer) -> Generator[int, None, None]:
-    """Features streamed a second of audio at a time, frames rendered a batch at a time
-    and written as they come, so memory stays flat however long the audio."""
+    """All the audio is known, so it goes into the stream first: every frame's features
+    are then those of the whole utterance, as MuseTalk's own scripts compute them. Frames
+    are rendered a batch at a time and written as they come."""
     stream = engine.new_stream()
+    for start in range(0, pcm.size, CHUNK_SAMPLES):
+        stream.push(to_float(pcm[start : start + CHUNK_SAMPLES]))
+    stream.finish()
     batch = max(1, engine.max_batch)
     outs = np.empty((batch, *avatar.frame_shape), np.uint8)
-    pending: list[F] = []
     done = 0
-
-    def render(features: list[F]) -> None:
-        nonlocal done
+    while n := min(batch, stream.ready()):
+        (features,) = engine.features([(stream, n)])
         items = [RenderItem(avatar.name, avatar.idle_index(done + k), f) for k, f in enumerate(features)]
-        engine.render(items, list(outs[: len(items)]))
-        for k in range(len(items)):
+        engine.render(items, list(outs[:n]))
+        for k in range(n):
             writer.write_frame(outs[k])
-        done += len(items)
-
-    for start in range(0, pcm.size, CHUNK_SAMPLES):
-        pending.extend(stream.push(to_float(pcm[start : start + CHUNK_SAMPLES])))
-        while len(pending) >= batch:
-            render(pending[:batch])
-            del pending[:batch]
-            yield done
-    pending.extend(stream.flush())
-    for start in range(0, len(pending), batch):
-        render(pending[start : start + batch])
+        done += n
         yield done
     if done != total:
         # the engine's stream must give one feature per 40 ms; never drop audio

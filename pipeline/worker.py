@@ -75,19 +75,16 @@ class _Utterance(Generic[F]):
     stream: FeatureStream[F]
     start_cursor: int
     pcm: PcmFifo = field(default_factory=PcmFifo)  # samples not yet handed to a frame
-    features: deque[F] = field(default_factory=deque)
-    produced: int = 0  # features produced so far
     sent: int = 0  # frames rendered and sent
-    final: bool = False
 
     @property
     def done(self) -> bool:
-        return self.final and self.sent == self.produced
+        return self.stream.finished and self.stream.ready() == 0
 
     @property
     def end_cursor(self) -> int:
-        """Idle-loop position just after this utterance's last frame produced so far."""
-        return self.start_cursor + self.produced
+        """Idle-loop position just after this utterance's last frame (known once its audio is complete)."""
+        return self.start_cursor + self.sent + self.stream.ready()
 
 
 @dataclass
@@ -99,7 +96,7 @@ class _Session(Generic[F]):
     utterances: deque[_Utterance[F]] = field(default_factory=deque)
 
     def ready(self) -> bool:
-        return bool(self.utterances) and bool(self.utterances[0].features)
+        return bool(self.utterances) and self.utterances[0].stream.ready() > 0
 
     def in_flight(self) -> int:
         return self.ring.slots - self.ring.free_count()
@@ -221,17 +218,15 @@ class WorkerLoop(Generic[F]):
             self.outbox.put(WorkerError(msg.session_id, problem, msg.utterance_id))
             return
         utt = session.utterances[-1] if session.utterances else None
-        if utt is None or utt.utterance_id != msg.utterance_id or utt.final:
+        if utt is None or utt.utterance_id != msg.utterance_id or utt.stream.finished:
             start = session.next_start(msg.start_cursor)
             utt = _Utterance(msg.utterance_id, msg.generation, self.engine.new_stream(), start)
             session.utterances.append(utt)
         if msg.pcm.size:
             utt.pcm.append(msg.pcm)
-            utt.features.extend(utt.stream.push(to_float(msg.pcm)))
+            utt.stream.push(to_float(msg.pcm))
         if msg.final:
-            utt.features.extend(utt.stream.flush())
-            utt.final = True
-        utt.produced = utt.sent + len(utt.features)
+            utt.stream.finish()
 
     # ---- rendering ----
     def has_work(self) -> bool:
@@ -248,12 +243,13 @@ class WorkerLoop(Generic[F]):
         picks: list[tuple[_Session[F], _Utterance[F], int, int]] = []
         taken = {s.session_id: 0 for s in candidates}
         progress = True
+        ready = {s.session_id: s.utterances[0].stream.ready() for s in candidates}
         while len(picks) < self.max_batch and progress:
             progress = False
             for s in candidates:
                 utt = s.utterances[0]
                 k = taken[s.session_id]
-                if k >= len(utt.features) or len(picks) >= self.max_batch:
+                if k >= ready[s.session_id] or len(picks) >= self.max_batch:
                     continue
                 slot = s.ring.acquire()
                 if slot is None:
@@ -263,13 +259,17 @@ class WorkerLoop(Generic[F]):
                 progress = True
         if not picks:
             return 0
-        items = [
-            RenderItem(s.avatar.name, s.avatar.idle_index(utt.start_cursor + utt.sent + k), utt.features[k])
-            for s, utt, _slot, k in picks
-        ]
         outs = [s.ring.view(slot) for s, _u, slot, _k in picks]
         started = time.perf_counter()
         try:
+            # Features are pulled now, so they are computed from all the audio that has
+            # arrived by the time these frames render: one call for every session.
+            wanted = [(s.utterances[0].stream, n) for s in candidates if (n := taken[s.session_id])]
+            pulled = {id(stream): iter(feats) for (stream, _n), feats in zip(wanted, self.engine.features(wanted), strict=True)}
+            items = [
+                RenderItem(s.avatar.name, s.avatar.idle_index(utt.start_cursor + utt.sent + k), next(pulled[id(utt.stream)]))
+                for s, utt, _slot, k in picks
+            ]
             self.engine.render(items, outs)
         except Exception as exc:
             log.exception("render failed for %d frames", len(picks))
@@ -280,16 +280,17 @@ class WorkerLoop(Generic[F]):
                 self.outbox.put(WorkerError(s.session_id, f"render failed: {exc}"))
             return 0
         self.render_seconds += time.perf_counter() - started
-        for (s, utt, slot, _k), item in zip(picks, items, strict=True):
-            utt.features.popleft()
+        for (s, utt, slot, k), item in zip(picks, items, strict=True):
             seq = utt.sent
             utt.sent += 1
             s.cursor = utt.start_cursor + utt.sent
             s.ring.publish(slot)
+            # the utterance's features were all pulled above: only its newest frame can be its last
+            last = utt.done and k == taken[s.session_id] - 1
             self.outbox.put(
                 FrameReady(
                     s.session_id, utt.generation, utt.utterance_id, seq, slot,
-                    item.avatar_index, utt.start_cursor + seq, utt.pcm.take(SAMPLES_PER_FRAME), utt.done,
+                    item.avatar_index, utt.start_cursor + seq, utt.pcm.take(SAMPLES_PER_FRAME), last,
                 )
             )
         self._drop_finished()

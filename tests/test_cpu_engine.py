@@ -15,6 +15,7 @@ from avatars.landmarks import CHIN, FACE_OVAL, NOSE_TIP, FaceMeshDetector
 from media.pcm import to_float
 from media.timing import SAMPLE_RATE, SAMPLES_PER_FRAME
 from pipeline.engines import RenderItem, create_engine
+from pipeline.engines.base import whole_utterance
 from pipeline.engines.cpu_mouth import CpuMouthEngine, MouthFeature
 from pipeline.engines.cpu_mouth.rig import build_rig, smooth_landmarks
 from tests.support.mouth import mouth_opening
@@ -104,8 +105,7 @@ def frame_rms(pcm: np.ndarray, frames: int) -> np.ndarray:
 
 
 def features_of(engine: CpuMouthEngine, pcm: np.ndarray) -> list[MouthFeature]:
-    stream = engine.new_stream()
-    return stream.push(pcm) + stream.flush()
+    return whole_utterance(engine, pcm)
 
 
 # ---- fixtures ---------------------------------------------------------------------
@@ -190,13 +190,13 @@ def test_features_do_not_depend_on_how_the_audio_is_chunked(engine: CpuMouthEngi
     whole = features_of(engine, pcm)
     rng = np.random.default_rng(7)
     stream = engine.new_stream()
-    pieces, at = [], 0
+    at = 0
     while at < pcm.size:
         step = int(rng.integers(1, 2000))
-        pieces += stream.push(pcm[at : at + step])
+        stream.push(pcm[at : at + step])
         at += step
-    pieces += stream.flush()
-    assert pieces == whole
+    stream.finish()
+    assert stream.take(stream.ready()) == whole
 
 
 @pytest.mark.parametrize("samples", [0, 1, 639, 640, 641, 12 * SAMPLES_PER_FRAME + 100])
@@ -208,10 +208,14 @@ def test_flush_leaves_no_sample_without_a_frame(engine: CpuMouthEngine, samples:
 def test_a_frame_is_released_once_the_next_frames_audio_arrives(engine: CpuMouthEngine) -> None:
     pcm = synthetic_speech(1.0, seed=4)
     stream = engine.new_stream()
-    assert stream.push(pcm[:SAMPLES_PER_FRAME]) == []  # frame 0 waits for frame 1
-    assert len(stream.push(pcm[SAMPLES_PER_FRAME : 2 * SAMPLES_PER_FRAME - 1])) == 0
-    assert len(stream.push(pcm[2 * SAMPLES_PER_FRAME - 1 : 2 * SAMPLES_PER_FRAME])) == 1
-    assert len(stream.flush()) == 1
+    stream.push(pcm[:SAMPLES_PER_FRAME])
+    assert stream.ready() == 0  # frame 0 waits for frame 1
+    stream.push(pcm[SAMPLES_PER_FRAME : 2 * SAMPLES_PER_FRAME - 1])
+    assert stream.ready() == 0
+    stream.push(pcm[2 * SAMPLES_PER_FRAME - 1 : 2 * SAMPLES_PER_FRAME])
+    assert stream.ready() == 1
+    stream.finish()
+    assert stream.ready() == 2 and len(stream.take(2)) == 2
 
 
 def test_loud_vowel_opens_wider_than_a_sibilant_at_equal_loudness(engine: CpuMouthEngine, avatar: Avatar) -> None:

@@ -60,7 +60,7 @@ def test_musetalk_mp4_has_a_frame_for_every_40ms_of_audio_and_matching_duration(
     write_tiny_checkpoints(data, versions=("v15",))
     samples = 16_000 + 100  # 25.16 frames of audio: the last partial frame must not be dropped
     audio = _write_wav(tmp_path / "in.wav", speech_like(samples / 16_000, seed=3)[:samples])
-    engine = MuseTalkEngine(data, device="cpu", max_batch=4, whisper_hop_s=0.5)
+    engine = MuseTalkEngine(data, device="cpu", max_batch=4)
     result = generate_video(data, "astro", audio, tmp_path / "out.mp4", engine=engine)
     assert result == VideoResult(str(tmp_path / "out.mp4"), 26, pytest.approx(1.04))
     info = _probe(tmp_path / "out.mp4")

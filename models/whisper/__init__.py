@@ -1,30 +1,38 @@
-"""Whisper tiny audio features for MuseTalk, computed incrementally as audio streams in.
+"""Whisper tiny audio features for MuseTalk, computed as MuseTalk computes them.
 
 * ``encoder``   - Whisper tiny's audio encoder from ``tiny.pt`` (or the HF layout), and
   which of its states each MuseTalk release takes
-* ``mel``       - Whisper's log-mel spectrogram, computable a piece at a time
-* ``streaming`` - encoder states as audio arrives, each block encoded in a window of context
-* ``windows``   - one (50, 384) feature per 40 ms video frame from those states
+* ``mel``       - Whisper's time grid and mel filters
+* ``utterance`` - one utterance's per-frame (50, 384) features: encoder passes over the
+  whole utterance's audio (so far), batched across utterances
 """
 from __future__ import annotations
 
 from .encoder import EncoderDims, WhisperAudioEncoder, load_whisper_encoder, sinusoids
-from .mel import LogMel, mel_filters, normalise_log_mel
-from .streaming import StreamConfig, WhisperStepStream
-from .windows import FrameFeatureStream, lookahead_s, resolve_step, window_indices
+from .mel import LogMelSpectrogram, mel_filters, normalise
+from .utterance import (
+    DEFAULT_RIGHT_CONTEXT_S,
+    UtteranceFeatures,
+    encode,
+    encode_pending,
+    resolve_step,
+    steps_for_samples,
+    window_indices,
+)
 
 __all__ = [
+    "DEFAULT_RIGHT_CONTEXT_S",
     "EncoderDims",
-    "FrameFeatureStream",
-    "LogMel",
-    "StreamConfig",
+    "LogMelSpectrogram",
+    "UtteranceFeatures",
     "WhisperAudioEncoder",
-    "WhisperStepStream",
+    "encode",
+    "encode_pending",
     "load_whisper_encoder",
-    "lookahead_s",
     "mel_filters",
-    "normalise_log_mel",
+    "normalise",
     "resolve_step",
     "sinusoids",
+    "steps_for_samples",
     "window_indices",
 ]

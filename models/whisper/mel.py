@@ -1,17 +1,8 @@
-"""Whisper's log-mel spectrogram, computable a piece at a time.
+"""Whisper's log-mel spectrogram and its time grid.
 
-The time grid: a mel frame every 10 ms (``HOP_LENGTH`` samples, 25 ms ``N_FFT``
-windows), an encoder step every two frames (20 ms: the encoder's second convolution has
-stride 2), and Whisper's context of 30 s (1500 steps) that the reference pads every
-segment of audio to.
-
-``LogMel`` computes frames exactly as openai-whisper's ``log_mel_spectrogram`` does for
-the zero-padded 30 s segment (Slaney mel filters, Hann-windowed STFT, log10 of the power),
-but for any range of frames: ``padded_signal`` hands it the samples ``torch.stft(center=True)``
-would see there (reflection at the segment's edges, zeros after the audio), so frames
-computed piecewise as audio streams in equal those of one pass over the segment.
-``normalise_log_mel`` is Whisper's dynamic-range clamp ``max(x, M - 8)`` and scaling; the
-streaming encoder chooses ``M``.
+A mel frame every 10 ms (``HOP_LENGTH`` samples, 25 ms ``N_FFT`` windows), an encoder
+step every two frames (20 ms: the encoder's second convolution has stride 2), and
+Whisper's context of 30 s (1500 steps) that the reference pads every segment of audio to.
 """
 from __future__ import annotations
 
@@ -58,37 +49,25 @@ def mel_filters(n_mels: int = 80, n_fft: int = N_FFT, sr: int = SAMPLE_RATE) -> 
     return weights.astype(np.float32)
 
 
-class LogMel:
-    """log10 mel power frames of a padded signal chunk (no normalisation)."""
+class LogMelSpectrogram:
+    """Whisper's log10 mel power spectrogram (Slaney filters, Hann STFT centred with
+    reflection, the last frame dropped, as both openai-whisper's ``log_mel_spectrogram``
+    and Hugging Face's ``WhisperFeatureExtractor`` compute it), not yet normalised."""
 
     def __init__(self, n_mels: int, device: torch.device) -> None:
         self.filters = torch.from_numpy(mel_filters(n_mels)).to(device)
         self.window = torch.hann_window(N_FFT, device=device)
         self.device = device
 
-    def __call__(self, padded: npt.NDArray[np.float32]) -> torch.Tensor:
-        """``padded`` = signal positions [160 f0 - 200, 160 f1 + 40) -> frames f0..f1 (n_mels, f1 - f0)."""
-        x = torch.from_numpy(np.ascontiguousarray(padded, np.float32)).to(self.device)
-        spec = torch.stft(x, N_FFT, HOP_LENGTH, window=self.window, center=False, return_complex=True)
-        power = spec.abs() ** 2
+    def __call__(self, audio: torch.Tensor) -> torch.Tensor:
+        """``audio`` (samples,) float32 on the device -> (n_mels, samples // 160)."""
+        if audio.numel() <= N_FFT // 2:  # too short to reflect: what little there is, zero-padded
+            audio = torch.nn.functional.pad(audio, (0, N_FFT // 2 + 1 - audio.numel()))
+        spec = torch.stft(audio, N_FFT, HOP_LENGTH, window=self.window, center=True, pad_mode="reflect", return_complex=True)
+        power = spec[:, :-1].abs() ** 2
         return torch.clamp(self.filters @ power, min=1e-10).log10()
 
 
-def normalise_log_mel(log_spec: torch.Tensor, maximum: torch.Tensor | float) -> torch.Tensor:
-    """Whisper's dynamic-range clamp and scaling."""
-    return (torch.maximum(log_spec, torch.as_tensor(maximum, device=log_spec.device) - 8.0) + 4.0) / 4.0
-
-
-def padded_signal(segment: npt.NDArray[np.float32], known: int, final: bool, a: int, b: int) -> npt.NDArray[np.float32]:
-    """Samples of a 30 s segment at positions [a, b) as ``torch.stft(center=True)`` sees
-    the zero-padded segment: reflected about its first and last sample, zeros after the
-    audio (only once it is known to have ended)."""
-    pos = np.arange(a, b)
-    pos = np.where(pos < 0, -pos, pos)
-    pos = np.where(pos >= SEGMENT_SAMPLES, 2 * (SEGMENT_SAMPLES - 1) - pos, pos)
-    if not final and pos.max(initial=-1) >= known:
-        raise AssertionError("mel frame asked for before its audio arrived")
-    out = np.zeros(b - a, np.float32)
-    inside = pos < known
-    out[inside] = segment[pos[inside]]
-    return out
+def normalise(log_spec: torch.Tensor) -> torch.Tensor:
+    """Whisper's dynamic-range clamp to 8 decades under the maximum, and scaling."""
+    return (torch.maximum(log_spec, log_spec.max() - 8.0) + 4.0) / 4.0

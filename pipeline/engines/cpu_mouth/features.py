@@ -10,6 +10,7 @@ second formant spreads the lips ("ee") and a low one with a closed vowel rounds 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,9 +132,10 @@ class _Analyzer:
 class MouthFeatureStream(FeatureStream[MouthFeature]):
     """One utterance: float PCM in any chunking, one ``MouthFeature`` per 640 samples out.
 
-    Frame i is emitted once frame i+1's audio has arrived (the centred smoothing window
-    looks one frame ahead); ``flush`` zero-pads the last partial frame and treats the
-    time after the utterance as silence.
+    Poses are causal and cheap, so they are computed as audio arrives and held until
+    taken. Frame i is ready once frame i+1's audio has arrived (the centred smoothing
+    window looks one frame ahead); ``finish`` zero-pads the last partial frame and treats
+    the time after the utterance as silence.
     """
 
     def __init__(self, cfg: AnalysisConfig | None = None) -> None:
@@ -144,42 +146,51 @@ class MouthFeatureStream(FeatureStream[MouthFeature]):
         self._cur: _Raw | None = None  # raw pose of the next frame to emit
         self._open = 0.0  # follower state
         self._done = False
+        self._ready: deque[MouthFeature] = deque()
 
-    def push(self, pcm: FloatPcm) -> list[MouthFeature]:
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def ready(self) -> int:
+        return len(self._ready)
+
+    def take(self, n: int) -> list[MouthFeature]:
+        if n > len(self._ready):
+            raise ValueError(f"{n} frames asked for, {len(self._ready)} ready")
+        return [self._ready.popleft() for _ in range(n)]
+
+    def push(self, pcm: FloatPcm) -> None:
         if self._done:
-            raise RuntimeError("push() after flush(): start a new stream for the next utterance")
+            raise RuntimeError("push() after finish(): start a new stream for the next utterance")
         samples = np.asarray(pcm)
         if samples.dtype.kind in "iu":
             # int16 taken as floats would be 32768 times too loud: a mouth stuck wide open.
             raise TypeError("push() takes float PCM in -1..1: convert int16 with media.pcm.to_float")
         samples = samples.astype(np.float32, copy=False).ravel()
         buf = np.concatenate([self._pending, samples]) if self._pending.size else samples
-        out: list[MouthFeature] = []
         n = buf.size // SAMPLES_PER_FRAME
         for i in range(n):
-            self._add(self._analyze(buf[i * SAMPLES_PER_FRAME : (i + 1) * SAMPLES_PER_FRAME]), out)
+            self._add(self._analyze(buf[i * SAMPLES_PER_FRAME : (i + 1) * SAMPLES_PER_FRAME]))
         self._pending = buf[n * SAMPLES_PER_FRAME :].copy()
-        return out
 
-    def flush(self) -> list[MouthFeature]:
+    def finish(self) -> None:
         if self._done:
-            return []
-        out: list[MouthFeature] = []
+            return
         if self._pending.size:
             frame = np.zeros(SAMPLES_PER_FRAME, np.float32)
             frame[: self._pending.size] = self._pending
-            self._add(self._analyze(frame), out)
+            self._add(self._analyze(frame))
             self._pending = np.zeros(0, np.float32)
         if self._cur is not None:
-            self._add(_SILENT, out, keep=False)
+            self._add(_SILENT, keep=False)
         self._done = True
-        return out
 
-    def _add(self, raw: _Raw, out: list[MouthFeature], keep: bool = True) -> None:
+    def _add(self, raw: _Raw, keep: bool = True) -> None:
         """``raw`` is the newest frame: the frame before it now has its look-ahead."""
         cur = self._cur
         if cur is not None:
-            out.append(self._emit(self._prev, cur, raw))
+            self._ready.append(self._emit(self._prev, cur, raw))
             self._prev = cur
         self._cur = raw if keep else None
 

@@ -4,7 +4,10 @@ Per frame: the face box, the 8x32x32 UNet input latent (the VAE latent of the 25
 face crop with its lower half blanked, next to that of the whole crop) and the blending
 mask. All arrays are indexed by avatar frame: a frame without a face keeps its slot
 (marked invalid) so latents never shift against frames, the fault of the reference
-scripts, which skip such frames when they build their latent list.
+scripts, which skip such frames when they build their latent list. Latents are kept at
+the engine's precision (``latent_dtype``): float32 and float16 as they are, bfloat16 as
+float32 (numpy has no bfloat16; float32 holds each one exactly, and the engine converts
+on loading).
 
 Face box (the reference's ``get_landmark_and_bbox``), from 68 face landmarks in the
 iBUG 300-W order: x from the landmarks' extent, bottom at the lowest landmark, top
@@ -18,11 +21,14 @@ through ``MEDIAPIPE_TO_68`` below; or from DWPose (the reference's detector) whe
 mmpose and ``dw-ll_ucoco_384.pth`` are installed.
 
 Mask (the reference's ``get_image_prepare_material``): a square crop box 1.5x the face
-box around its centre; the talking region (face parsing's skin + lips with the jaw
-grown downward when its weights are there, else the face-oval polygon of the landmarks
-grown downward) kept inside the face box only, its upper half (of the crop box) zeroed,
-Gaussian-blurred with a kernel a tenth of the crop box. Outside the face box the
-reference blends the frame with itself, so only the face-box part is stored.
+box around its centre; the talking region (face parsing's when its weights are there,
+else the face-oval polygon of the landmarks grown downward) kept inside the face box
+only, its upper half (of the crop box) zeroed, Gaussian-blurred with a kernel a tenth
+of the crop box. Outside the face box the reference blends the frame with itself, so
+only the face-box part is stored. Face parsing as MuseTalk's realtime script runs it
+(``scripts/realtime_inference.py``): v1.5 in "jaw" mode with cheek widths 90, v1.0 in
+"raw" mode; the crop resized to the parser's 512 canvas and the mask back with PIL
+(bilinear in, bicubic out), as ``FaceParsing.__call__`` and ``face_seg`` do.
 
 The cache lives in ``<avatar>/musetalk/<key>/`` where the key hashes every parameter
 above, the VAE and parser weights' identity and the avatar's own files: changing any of
@@ -37,6 +43,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -47,7 +54,7 @@ from avatars.landmarks import FACE_OVAL
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: PIL resizes and inclusive cheek edge in face-parsing masks
 CACHE_DIR = "musetalk"
 FACE_SIZE = 256
 LATENT_SHAPE = (8, 32, 32)
@@ -197,17 +204,35 @@ class MaterialParams:
     extra_margin: int = 10  # v1.5 only
     expand: float = 1.5
     upper_boundary_ratio: float = 0.5
-    parsing_mode: str = "jaw"
     mask_source: str = "landmarks"  # or "face-parsing"
+    parsing_mode: str = "jaw"  # face parsing: jaw, raw or neck
+    left_cheek_width: int = 90  # face parsing, jaw mode: the cheek erosion spares this many
+    right_cheek_width: int = 90  # columns (of the 512 canvas) left / right of its centre
+    mask_resize: str = "pil"  # face parsing: "pil" (the reference's) or "cv2"
     landmark_source: str = "mediapipe-478"  # or "dwpose"
     vae_id: str = ""  # identity of the VAE weights the latents come from
     parser_id: str = ""
+    latent_dtype: str = "float32"  # the engine's: float32, float16 or bfloat16
 
     def normalised(self) -> MaterialParams:
-        """Parameters a version ignores do not split the cache."""
-        if self.version == "v15":
-            return replace(self, bbox_shift=0)
-        return replace(self, extra_margin=0)
+        """Parameters that do not shape this material do not split the cache: those of
+        the other version, the parser's without face parsing, the cheeks outside jaw mode."""
+        out = replace(self, bbox_shift=0) if self.version == "v15" else replace(self, extra_margin=0)
+        if out.mask_source != "face-parsing":
+            out = replace(out, parsing_mode="", mask_resize="", parser_id="")
+        if out.parsing_mode != "jaw":
+            out = replace(out, left_cheek_width=0, right_cheek_width=0)
+        return out
+
+
+#: numpy type the latents of each engine precision are stored in
+LATENT_STORAGE: dict[str, type[np.floating]] = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}
+
+
+def latent_storage(latent_dtype: str) -> type[np.floating]:
+    if latent_dtype not in LATENT_STORAGE:
+        raise ValueError(f"unknown latent dtype {latent_dtype!r}: {', '.join(LATENT_STORAGE)}")
+    return LATENT_STORAGE[latent_dtype]
 
 
 @dataclass
@@ -215,7 +240,7 @@ class MuseTalkMaterial:
     params: MaterialParams
     key: str
     boxes: np.ndarray  # (N, 4) int32 x1, y1, x2, y2; -1 where there is no face
-    latents: np.ndarray  # (N, 8, 32, 32) float16; zeros where there is no face
+    latents: np.ndarray  # (N, 8, 32, 32) in latent_storage(params.latent_dtype); zeros where there is no face
     mask_data: np.ndarray  # uint8, every frame's face-box mask, flattened
     mask_offsets: np.ndarray  # (N + 1,) int64 into mask_data
 
@@ -276,6 +301,10 @@ def _load(folder: Path, params: MaterialParams, key: str) -> MuseTalkMaterial | 
     except (OSError, ValueError) as exc:
         log.warning("rebuilding unreadable MuseTalk cache %s: %s", folder, exc)
         return None
+    if arrays["latents.npy"].dtype != latent_storage(params.latent_dtype):
+        log.warning("rebuilding MuseTalk cache %s: latents are %s, not %s", folder, arrays["latents.npy"].dtype,
+                    params.latent_dtype)
+        return None
     return MuseTalkMaterial(params, key, *(arrays[f] for f in _FILES))
 
 
@@ -299,12 +328,19 @@ def _save(root: Path, material: MuseTalkMaterial) -> None:
 
 
 Encoder = Callable[[np.ndarray], np.ndarray]  # (B, 256, 256, 3) uint8 RGB -> (B, 8, 32, 32)
-Parser = Callable[[np.ndarray, str], np.ndarray]  # (h, w, 3) RGB crop, mode -> (h, w) 0..255
+
+
+class Parser(Protocol):
+    """(h, w, 3) RGB crop -> (h, w) 0..255 talking region (``models.face_parsing.FaceParser``)."""
+
+    def __call__(self, crop: np.ndarray, mode: str, *, left_cheek_width: int, right_cheek_width: int,
+                 resize: str) -> np.ndarray: ...
 
 
 def build_material(avatar: Avatar, params: MaterialParams, encode: Encoder, parser: Parser | None = None,
                    landmarks68: np.ndarray | None = None, batch: int = 16) -> MuseTalkMaterial:
-    """Compute boxes, latents and masks for every frame of ``avatar``."""
+    """Compute boxes, latents and masks for every frame of ``avatar`` (masks from ``parser``
+    when ``params.mask_source`` is "face-parsing", else from the landmarks)."""
     n, height, width = avatar.num_frames, avatar.height, avatar.width
     lm68 = mediapipe_to_68(avatar.landmarks) if landmarks68 is None else np.asarray(landmarks68, np.float32)
     boxes = np.full((n, 4), -1, np.int32)
@@ -314,13 +350,15 @@ def build_material(avatar: Avatar, params: MaterialParams, encode: Encoder, pars
         box = face_box(lm68[i], height, width, params.version, params.bbox_shift, params.extra_margin)
         if box is not None:
             boxes[i] = box
-    latents = np.zeros((n, *LATENT_SHAPE), np.float16)
+    if (params.mask_source == "face-parsing") != (parser is not None):
+        raise ValueError(f"mask source {params.mask_source!r} with{'out' if parser is None else ''} a face parser")
+    latents = np.zeros((n, *LATENT_SHAPE), latent_storage(params.latent_dtype))
     masks: list[np.ndarray] = []
     todo = [i for i in range(n) if boxes[i, 0] >= 0]
     for start in range(0, len(todo), batch):
         idx = todo[start : start + batch]
         crops = np.stack([face_crop(avatar.frames[i], tuple(boxes[i])) for i in idx])
-        latents[idx] = np.asarray(encode(crops), np.float32).astype(np.float16)
+        latents[idx] = np.asarray(encode(crops), latents.dtype)
     for i in range(n):
         x1, y1, x2, y2 = (int(v) for v in boxes[i])
         if x1 < 0:
@@ -328,7 +366,8 @@ def build_material(avatar: Avatar, params: MaterialParams, encode: Encoder, pars
             continue
         cbox = crop_box((x1, y1, x2, y2), params.expand)
         if parser is not None:
-            region = parser(crop_padded(avatar.frames[i], cbox), params.parsing_mode)
+            region = parser(crop_padded(avatar.frames[i], cbox), params.parsing_mode, left_cheek_width=params.left_cheek_width,
+                            right_cheek_width=params.right_cheek_width, resize=params.mask_resize)
         else:
             region = landmark_region(avatar.landmarks[i], cbox)
         masks.append(blend_mask(region, (x1, y1, x2, y2), cbox, params.upper_boundary_ratio).reshape(-1))
@@ -342,8 +381,9 @@ def build_material(avatar: Avatar, params: MaterialParams, encode: Encoder, pars
 
 def load_or_build_material(avatar: Avatar, params: MaterialParams, encode: Encoder, parser: Parser | None = None,
                            landmarks68: np.ndarray | None = None, cache: bool = True) -> MuseTalkMaterial:
-    """The cached material for these parameters, built (and cached) when absent."""
-    params = params.normalised()
+    """The cached material for these parameters, built (and cached) when absent. The mask
+    source follows ``parser`` (face parsing when given), so the key says which it is."""
+    params = replace(params, mask_source="landmarks" if parser is None else "face-parsing").normalised()
     key = material_key(avatar, params)
     root = Path(avatar.path) / CACHE_DIR
     if cache:
