@@ -39,6 +39,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    help="STUN/TURN URL for the server's peer connections (repeatable; env LIPSYNC_ICE_SERVERS, "
                    "comma-separated); default: none, host candidates only")
     p.add_argument("--max-sessions", type=int, default=int(env("LIPSYNC_MAX_SESSIONS", "8")))
+    p.add_argument("--no-default-session", dest="default_session", action="store_false",
+                   default=env("LIPSYNC_DEFAULT_SESSION", "1") not in ("0", "false", "no"),
+                   help="sessionid 0 / absent no longer means the oldest open session (multi-user deployments; "
+                   "env LIPSYNC_DEFAULT_SESSION=0)")
     p.add_argument("--log-level", default=env("LIPSYNC_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -49,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     return ServerConfig(
         host=a.host, port=a.port, data_dir=a.data_dir.resolve(), avatar=a.avatar, engine=a.engine,
         engine_options=engine_options, tts=a.tts, tts_options=tts_options, max_sessions=a.max_sessions, ice_servers=a.ice_server,
+        default_session=a.default_session,
     )
 
 

@@ -62,19 +62,27 @@ def create_app(config: ServerConfig, worker_factory: WorkerFactory | None = None
         raise web.HTTPFound("/webrtcapi.html")
 
     web_root = config.web_dir.resolve()
-    post_only = {r.path for table in (routes, digital_human_routes) for r in table if isinstance(r, web.RouteDef) and r.method == "POST"}
+    methods: dict[str, set[str]] = {}  # the fixed routes and their methods
+    for table in (routes, digital_human_routes):
+        for r in table:
+            if isinstance(r, web.RouteDef) and "{" not in r.path:
+                methods.setdefault(r.path, set()).add(r.method)
 
     async def static(request: web.Request) -> web.StreamResponse:
-        # Our own handler rather than add_static, so a missing page gets the JSON error.
-        if request.path in post_only:
-            raise LipSyncError(f"GET is not allowed on {request.path}; use POST", ErrorCode.METHOD_NOT_ALLOWED)
+        # Every request no route took: the pages (our own handler rather than add_static,
+        # so a missing page gets the JSON error), a route asked with the wrong method (405),
+        # or nothing at all (404, whatever the method).
+        allowed = methods.get(request.path)
+        if allowed:
+            raise LipSyncError(f"{request.method} is not allowed on {request.path}; use {', '.join(sorted(allowed))}",
+                               ErrorCode.METHOD_NOT_ALLOWED)
         path = (web_root / request.match_info["path"]).resolve()
-        if web_root not in path.parents or not path.is_file():
+        if request.method not in ("GET", "HEAD") or web_root not in path.parents or not path.is_file():
             raise LipSyncError(f"no such route or file: {request.path}", ErrorCode.NOT_FOUND)
         return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
     app.router.add_get("/", index)
-    app.router.add_get("/{path:.+}", static)
+    app.router.add_route("*", "/{path:.+}", static)
 
     async def startup(app: web.Application) -> None:
         config.data_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,9 @@ class ServerConfig:
     tts: str = "espeak"
     tts_options: dict[str, Any] = field(default_factory=dict)
     max_sessions: int = 8
+    # sessionid 0, "0", absent or null addresses the oldest open session, as the seed's and
+    # LiveTalking's clients expect; a multi-user deployment turns this off
+    default_session: bool = True
     ring_slots: int = 8  # 320 ms a session may be rendered ahead
     max_upload_bytes: int = 20 * 1024 * 1024
     max_audio_seconds: float = 600.0

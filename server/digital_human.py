@@ -18,16 +18,22 @@ log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+OUTPUTS_URL = "/digital_human/outputs"
 
 
 def resolve_in_data(data_dir: Path, given: str, field: str) -> Path:
-    """``given`` as a path inside ``data_dir`` (relative paths are taken from it)."""
+    """``given`` as a path inside ``data_dir``. A relative path is read from the data
+    directory, or, as the seed's clients write it (``data/audio/yongen.wav``), from the
+    server's working directory; either way it must land inside the data directory."""
     root = Path(data_dir).resolve()
+    if "\0" in given:
+        raise BadRequest(f"field '{field}' holds a NUL character", ErrorCode.INVALID_FIELD)
     path = Path(given)
-    path = (path if path.is_absolute() else root / path).resolve()
-    if path != root and root not in path.parents:
+    candidates = [path] if path.is_absolute() else [root / path, Path.cwd() / path]
+    inside = [p for p in (c.resolve() for c in candidates) if p == root or root in p.parents]
+    if not inside:
         raise BadRequest(f"field '{field}' must name a file inside the data directory {root}, got {given!r}", ErrorCode.PATH_OUTSIDE_DATA)
-    return path
+    return next((p for p in inside if p.exists()), inside[0])
 
 
 def _id(body: Body, name: str) -> str:
@@ -79,10 +85,24 @@ async def gen(request: web.Request) -> web.Response:
     out = root / "outputs" / user_id / f"{request_id}_{chunk_id}.mp4"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = await manager.generate_video(streamer, audio, out)
+    # The seed's clients open the file where the server wrote it (an absolute path on the
+    # server's machine); anyone else downloads it from the url.
     return web.json_response(
         {
             "code": 0, "msg": "ok", "user_id": user_id, "request_id": request_id,
-            "digital_human_mp4_path": str(Path(result.path).relative_to(root)),
-            "data": {"frames": result.frames, "duration": result.duration},
+            "digital_human_mp4_path": str(Path(result.path)),
+            "data": {"frames": result.frames, "duration": result.duration, "url": f"{OUTPUTS_URL}/{user_id}/{out.name}"},
         }
     )
+
+
+@routes.get(OUTPUTS_URL + "/{user_id}/{name}")
+async def download_output(request: web.Request) -> web.FileResponse:
+    """An mp4 that ``/digital_human/gen`` wrote."""
+    user_id, name = request.match_info["user_id"], request.match_info["name"]
+    if not ID_RE.match(user_id) or not ID_RE.match(name) or not name.endswith(".mp4"):
+        raise NotFound(f"no such output: {user_id}/{name}")
+    path = Path(request.app[CONFIG].data_dir).resolve() / "outputs" / user_id / name
+    if not path.is_file():
+        raise NotFound(f"no such output: {user_id}/{name} (outputs are named REQUEST_CHUNK.mp4)")
+    return web.FileResponse(path, headers={"Content-Disposition": f'attachment; filename="{name}"'})

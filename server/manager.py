@@ -44,6 +44,7 @@ from tts.base import TTSBackend
 log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT_S = 120.0
+DEFAULT_SESSION_ID = "0"  # what the seed's clients send for "the session"
 
 WorkerFactory = Callable[[WorkerHandler], WorkerLink]
 
@@ -95,11 +96,29 @@ class SessionManager:
         self.worker.send(ForgetAvatar(name))
 
     # ---- sessions ----
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str | None) -> Session:
+        """The session ``session_id`` names. ``0``, ``"0"``, ``""`` or None is the default
+        session, as the seed's and LiveTalking's clients address it: the only open session,
+        and with several open, the oldest (unless ``--no-default-session``)."""
+        if session_id in (None, "", DEFAULT_SESSION_ID):
+            return self._default()
         session = self._sessions.get(session_id)
         if session is None:
             raise UnknownSession(f"unknown session {session_id!r}: open one with POST /offer")
         return session
+
+    def _default(self) -> Session:
+        if not self.config.default_session:
+            raise UnknownSession(
+                "sessionid 0 (or none) addresses the default session, which this server does not offer "
+                "(--no-default-session): send the sessionid that POST /offer returned"
+            )
+        if not self._sessions:
+            raise UnknownSession(
+                "no session is open, so there is no default session to address: open one with POST /offer "
+                "(a browser on /webrtcapi.html does), then send its sessionid or 0"
+            )
+        return next(iter(self._sessions.values()))  # dicts keep insertion order: the oldest
 
     def __len__(self) -> int:
         return len(self._sessions)

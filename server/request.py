@@ -71,8 +71,22 @@ def field_int(body: Body, name: str) -> int:
         raise BadRequest(f"field '{name}' must be an integer, got {value!r}") from None
 
 
-def field_session(body: Body) -> str:
-    return field_str(body, "sessionid", max_len=128, allow_int=True)
+def field_audiotype(body: Body) -> int | str:
+    """``audiotype``: an integer (0 idle, 1..n clips), a numeric string, or a clip's name."""
+    value = body.get("audiotype")
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("+-").isdigit() and len(text) <= 9:
+            return int(text)
+        if not text or len(text) > 128:
+            raise BadRequest("field 'audiotype' must be a clip number or a clip name of 1-128 characters")
+        return text
+    return field_int(body, "audiotype")
+
+
+def field_session(body: Body) -> str | None:
+    """The ``sessionid`` field: an id from ``/offer``, or None (absent, null) for the default session."""
+    return optional_str(body, "sessionid", max_len=128, allow_int=True)
 
 
 def field_text(body: Body, max_len: int, name: str = "text") -> str:

@@ -15,7 +15,7 @@ from media.timing import SAMPLE_RATE
 from server.errors import BadRequest, ErrorCode, LipSyncError, error_body, ok
 from server.events import Closed
 from server.keys import CONFIG, MANAGER
-from server.request import field_bool, field_int, field_session, field_str, field_text, optional_str, read_json
+from server.request import field_audiotype, field_bool, field_session, field_str, field_text, optional_str, read_json
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,17 @@ async def offer(request: web.Request) -> web.Response:
 @routes.get("/humanecho")
 async def humanecho(request: web.Request) -> web.WebSocketResponse:
     manager, config = request.app[MANAGER], request.app[CONFIG]
-    session = manager.get(request.query.get("sessionid", ""))
     ws = web.WebSocketResponse(heartbeat=30, max_msg_size=256 * 1024)
+    try:
+        session = manager.get(request.query.get("sessionid"))
+    except LipSyncError as exc:
+        if not ws.can_prepare(request).ok:
+            raise  # a plain HTTP request: the JSON error
+        # A WebSocket client (the seed's connects with no sessionid) sees why, then the close.
+        await ws.prepare(request)
+        await ws.send_json({"event": "error", **error_body(exc.code, exc.msg)})
+        await ws.close()
+        return ws
     await ws.prepare(request)
 
     events = session.events.subscribe()
@@ -132,8 +141,7 @@ async def humanaudio(request: web.Request) -> web.Response:
 async def set_audiotype(request: web.Request) -> web.Response:
     body = await read_json(request)
     session = request.app[MANAGER].get(field_session(body))
-    audiotype = session.set_clip(field_int(body, "audiotype"), reinit=field_bool(body, "reinit"))
-    return ok({"audiotype": audiotype})
+    return ok(session.set_clip(field_audiotype(body), reinit=field_bool(body, "reinit")))
 
 
 @routes.post("/record")

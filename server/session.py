@@ -93,9 +93,20 @@ class Session:
         return Cut(self.feeder.interrupt(), last_frame)
 
     # ---- the idle loop ----
-    def set_clip(self, audiotype: int, reinit: bool) -> int:
-        """Choose what plays while silent: 0 the idle loop, 1..n the avatar's action clips."""
+    def set_clip(self, audiotype: int | str, reinit: bool) -> dict[str, object]:
+        """Choose what plays while silent: 0 the idle loop, 1..n (or a name) the avatar's
+        action clips; ``reinit`` restarts the idle loop. Returns what was done. A name that
+        is no clip of this avatar (the seed's example sends "stereo") switches nothing."""
         clips = self.avatar.clips
+        if isinstance(audiotype, str):
+            if audiotype not in clips:
+                if reinit:
+                    self.player.restart_idle()
+                known = ", ".join(clips) or "none"
+                return {"audiotype": audiotype, "switched": False, "reinit": reinit,
+                        "reason": f"avatar {self.avatar.name!r} has no action clip named {audiotype!r} (its clips: {known}); "
+                                  "the idle loop plays on"}
+            audiotype = clips.index(audiotype) + 1
         if audiotype != 0 and not (1 <= audiotype <= len(clips)):
             raise BadRequest(
                 f"audiotype {audiotype} is not a clip of avatar {self.avatar.name!r}: "
@@ -104,7 +115,7 @@ class Session:
         self.audiotype = audiotype
         if reinit:
             self.player.restart_idle()
-        return audiotype
+        return {"audiotype": audiotype, "switched": True, "reinit": reinit}
 
     # ---- PlaybackListener: the player's news ----
     def on_playback_started(self, utterance_id: str) -> None:

@@ -196,7 +196,7 @@ async def test_set_audiotype_checks_the_clip_and_reinit_restarts_the_idle_loop(h
     status, body = await h.post("/set_audiotype", {"sessionid": sid, "audiotype": 3, "reinit": False})
     assert status == 400 and "0 is the idle loop" in body["msg"]
     status, body = await h.post("/set_audiotype", {"sessionid": sid, "audiotype": 0, "reinit": True})
-    assert status == 200 and body["data"] == {"audiotype": 0}
+    assert status == 200 and body["data"] == {"audiotype": 0, "switched": True, "reinit": True}
     assert viewer.session.player.cursor <= 2
 
 
@@ -257,5 +257,7 @@ async def test_gen_renders_through_the_worker_and_returns_the_path_inside_the_da
     (tmp_path / "audio" / "a.wav").write_bytes(wav_bytes(np.zeros(SAMPLE_RATE // 2)))
     body = {"user_id": "u1", "request_id": "r1", "streamer_id": "tiny", "tts_path": "audio/a.wav", "chunk_id": 2}
     status, out = await h.post("/digital_human/gen", body)
-    assert status == 200 and out["digital_human_mp4_path"] == "outputs/u1/r1_2.mp4"
-    assert (tmp_path / out["digital_human_mp4_path"]).is_file() and out["data"]["frames"] == 13
+    assert status == 200 and out["digital_human_mp4_path"] == str((tmp_path / "outputs/u1/r1_2.mp4").resolve())
+    assert Path(out["digital_human_mp4_path"]).is_file() and out["data"]["frames"] == 13
+    async with h.client.get(out["data"]["url"]) as resp:
+        assert resp.status == 200 and await resp.read() == Path(out["digital_human_mp4_path"]).read_bytes()
