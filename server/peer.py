@@ -1,6 +1,14 @@
-"""The WebRTC side of a session: an aiortc peer connection that sends the session's two
-tracks, answers the client's offer, and closes the session when the peer goes away or
-never connects."""
+"""The WebRTC side of a session: an aiortc peer connection that answers the client's
+offer, whatever its shape, sends the session's tracks for the kinds the offer asked for,
+and closes the session when the peer goes away or never connects.
+
+The offer is read first and tracks are added after, only for its audio and video
+sections (video-only, audio-only, data-channel-only, recvonly or sendrecv all get an
+answer). We only send: a client's own microphone or camera (pipecat's small WebRTC
+client sends its microphone by default) is asked not to be sent (our side answers
+``sendonly``), and whatever arrives anyway is consumed and dropped, so it costs nothing
+that grows.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -8,6 +16,8 @@ import logging
 from collections.abc import Callable
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaBlackhole
+from aiortc.mediastreams import MediaStreamTrack
 
 from server.session import Session
 from server.tracks import AvatarAudioTrack, AvatarVideoTrack
@@ -26,8 +36,13 @@ async def answer_offer(
     friends from aiortc when the offer cannot be answered)."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(u) for u in ice_servers]))
     session.pc = pc
-    pc.addTrack(AvatarAudioTrack(session.player))
-    pc.addTrack(AvatarVideoTrack(session.player))
+    inbound = MediaBlackhole()
+    session.inbound = inbound
+
+    @pc.on("track")
+    def on_track(track: MediaStreamTrack) -> None:
+        log.info("session %s: the client sends %s; it is dropped", session.id, track.kind)
+        inbound.addTrack(track)
 
     @pc.on("connectionstatechange")
     async def on_state() -> None:
@@ -43,6 +58,17 @@ async def answer_offer(
 
     session.keep(asyncio.ensure_future(close_if_never_connected()))
     await pc.setRemoteDescription(offer)
+    if not pc.getTransceivers() and pc.sctp is None:
+        raise ValueError("it has no audio, video or data channel section (is it an SDP offer?)")
+    tracks: dict[str, MediaStreamTrack] = {"audio": AvatarAudioTrack(session.player), "video": AvatarVideoTrack(session.player)}
+    for transceiver in pc.getTransceivers():
+        track = tracks.pop(transceiver.kind, None)
+        if track is not None:
+            transceiver.sender.replaceTrack(track)
+            transceiver.direction = "sendonly"  # we send; the client's own media is not asked for
+        else:  # a second section of a kind already served: nothing to send there
+            transceiver.direction = "inactive"
+    await inbound.start()
     await pc.setLocalDescription(await pc.createAnswer())
     local = pc.localDescription
     return RTCSessionDescription(sdp=local.sdp, type=local.type)

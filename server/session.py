@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiortc import RTCPeerConnection
+from aiortc.contrib.media import MediaBlackhole
 
 from avatars.avatar import Avatar
 from media.pcm import Pcm
@@ -54,6 +55,7 @@ class Session:
         self.feeder = SpeechFeeder(session_id, tts, worker.send, lambda: self.player.cursor, self.events)
         self.player = SessionPlayer(avatar, ring, lambda: self.feeder.generation, listener=self, idle_yuv=idle_yuv)
         self.pc: RTCPeerConnection | None = None
+        self.inbound: MediaBlackhole | None = None  # what the client sends, dropped
         self.opened: asyncio.Future[SessionOpened] = asyncio.get_running_loop().create_future()
         self.created_at = time.monotonic()
         self.audiotype = 0
@@ -172,4 +174,6 @@ class Session:
         self.player.close()
         if self.pc is not None:
             await self.pc.close()
+        if self.inbound is not None:
+            await self.inbound.stop()
         self.ring.close()
