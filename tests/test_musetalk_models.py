@@ -25,6 +25,7 @@ from models.whisper import load_whisper_encoder, mel_filters  # noqa: E402
 from pipeline.engines import EngineUnavailable, create_engine  # noqa: E402
 from tests.support.model_size import count_parameters  # noqa: E402
 from tests.support.musetalk_fixtures import TINY_WHISPER_DIMS, whisper_checkpoint, write_tiny_checkpoints  # noqa: E402
+from tests.support.whisper_reference import hf_encoder_state  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -118,23 +119,7 @@ def test_whisper_hf_layout_loads_to_the_same_encoder(tmp_path: Path) -> None:
     ckpt = whisper_checkpoint(seed=5)
     openai_path = tmp_path / "tiny.pt"
     torch.save(ckpt, openai_path)
-    hf = {}
-    names = {"attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj", "attn.value": "self_attn.v_proj",
-             "attn.out": "self_attn.out_proj", "attn_ln": "self_attn_layer_norm", "mlp.0": "fc1", "mlp.2": "fc2",
-             "mlp_ln": "final_layer_norm"}
-    for key, value in ckpt["model_state_dict"].items():
-        if not key.startswith("encoder."):
-            continue
-        key = key.removeprefix("encoder.")
-        if key == "positional_embedding":
-            key = "embed_positions.weight"
-        elif key.startswith("ln_post."):
-            key = "layer_norm." + key.split(".", 1)[1]
-        elif key.startswith("blocks."):
-            _, i, rest = key.split(".", 2)
-            name, _, leaf = rest.rpartition(".")
-            key = f"layers.{i}.{names[name]}.{leaf}"
-        hf[f"model.encoder.{key}"] = value
+    hf = {f"model.encoder.{k}": v for k, v in hf_encoder_state(ckpt).items()}
     hf["model.decoder.embed_tokens.weight"] = torch.zeros(4, 384)  # ignored
     (tmp_path / "hf").mkdir()
     torch.save(hf, tmp_path / "hf" / "pytorch_model.bin")
