@@ -35,6 +35,8 @@ from .landmarks import (
 
 log = logging.getLogger(__name__)
 
+DEFAULT_NAME = "default"  # the avatar every server has, built from the astronaut
+
 BUILDER = "default-astronaut"
 # Bump when the frames this module makes change: cached default avatars are rebuilt.
 BUILDER_VERSION = 1
@@ -204,7 +206,7 @@ def build_default(motion: IdleMotion | None = None) -> tuple[np.ndarray, np.ndar
     return synthesize_idle(still, lm, motion)
 
 
-def ensure_default_avatar(data_dir: Path, name: str = "default") -> Avatar:
+def ensure_default_avatar(data_dir: Path, name: str = DEFAULT_NAME) -> Avatar:
     """The default avatar, built into ``data_dir`` on first use and loaded after that.
 
     Safe for several processes at once: one builds under a lock file, the others wait and

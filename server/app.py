@@ -10,6 +10,7 @@ from aiohttp import web
 from avatars.avatar import AvatarNotFound, load_avatar
 from pipeline.client import WorkerClient, WorkerHandler, WorkerLink
 from pipeline.worker import WorkerConfig
+from server.access import access_middleware
 from server.config import ServerConfig
 from server.digital_human import routes as digital_human_routes
 from server.errors import ErrorCode, LipSyncError, error_middleware
@@ -53,7 +54,8 @@ def process_worker(config: ServerConfig) -> WorkerFactory:
 def create_app(config: ServerConfig, worker_factory: WorkerFactory | None = None, tts: TTSBackend | None = None) -> web.Application:
     """The server. ``worker_factory`` and ``tts`` default to the real ones the config
     names; tests pass stand-ins to run everything in one process."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_upload_bytes)
+    middlewares = [error_middleware, access_middleware(config.token, config.cors_origins)]
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_upload_bytes)
     app[CONFIG] = config
     app.add_routes(routes)
     app.add_routes(digital_human_routes)

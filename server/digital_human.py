@@ -9,10 +9,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from avatars.avatar import InvalidAvatarName, check_name
-from server.errors import BadRequest, ErrorCode, NotFound, UnknownAvatar
+from avatars.avatar import InvalidAvatarName, avatar_dir, check_name
+from avatars.default import DEFAULT_NAME as DEFAULT_AVATAR
+from server.access import Forbidden
+from server.errors import BadRequest, Conflict, ErrorCode, NotFound, UnknownAvatar
 from server.keys import CONFIG, MANAGER
-from server.request import Body, field_str, read_json
+from server.request import Body, field_bool, field_str, read_json
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,10 @@ async def preprocess(request: web.Request) -> web.Response:
     video = resolve_in_data(config.data_dir, field_str(body, "video_path"), "video_path")
     if not video.is_file():
         raise NotFound(f"video_path {video} does not exist")
+    if streamer == DEFAULT_AVATAR:
+        raise Forbidden(f"the built-in avatar {DEFAULT_AVATAR!r} cannot be replaced: prepare yours under another streamer_id")
+    if avatar_dir(config.data_dir, streamer).exists() and not field_bool(body, "overwrite"):
+        raise Conflict(f"avatar {streamer!r} exists: send 'overwrite': true to replace it (sessions on it keep the old one)")
     from avatars.prepare import prepare_avatar  # MediaPipe: only this route needs it
 
     try:

@@ -33,6 +33,10 @@ class ErrorCode(IntEnum):
     TOO_MANY_SESSIONS = 1301
     WORKER_UNAVAILABLE = 1302
     TTS_FAILED = 1303
+    UNAUTHORIZED = 1401
+    FORBIDDEN = 1403
+    TOO_MANY_REQUESTS = 1429
+    INSUFFICIENT_STORAGE = 1507
     INTERNAL = 1500
 
 
@@ -52,6 +56,10 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.TOO_MANY_SESSIONS: 503,
     ErrorCode.WORKER_UNAVAILABLE: 503,
     ErrorCode.TTS_FAILED: 502,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.TOO_MANY_REQUESTS: 429,
+    ErrorCode.INSUFFICIENT_STORAGE: 507,
     ErrorCode.INTERNAL: 500,
 }
 
@@ -101,6 +109,12 @@ class TooManySessions(LipSyncError):
 
 class WorkerUnavailable(LipSyncError):
     default_code = ErrorCode.WORKER_UNAVAILABLE
+
+
+class TooManyRequests(LipSyncError):
+    """A per-session or per-client bound was reached; the message says which and what to do."""
+
+    default_code = ErrorCode.TOO_MANY_REQUESTS
 
 
 def error_body(code: ErrorCode, msg: str) -> dict[str, Any]:

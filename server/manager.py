@@ -34,6 +34,7 @@ from pipeline.messages import (
     WorkerReady,
     WorkerStats,
 )
+from server.access import SECRET_HEADER, Forbidden, same
 from server.config import ServerConfig
 from server.errors import BadRequest, ErrorCode, LipSyncError, NotFound, TooManySessions, UnknownAvatar, UnknownSession, WorkerUnavailable
 from server.peer import answer_offer
@@ -53,7 +54,7 @@ WorkerFactory = Callable[[WorkerHandler], WorkerLink]
 class _Counters:
     video_frames_skipped: int = 0  # by sessions already closed
     worker: WorkerStats | None = None
-    recordings: dict[str, Path] = field(default_factory=dict)  # of sessions already closed, too
+    recordings: dict[str, tuple[Path, str]] = field(default_factory=dict)  # of closed sessions: path, secret
 
 
 class SessionManager:
@@ -96,15 +97,21 @@ class SessionManager:
         self.worker.send(ForgetAvatar(name))
 
     # ---- sessions ----
-    def get(self, session_id: str | None) -> Session:
-        """The session ``session_id`` names. ``0``, ``"0"``, ``""`` or None is the default
-        session, as the seed's and LiveTalking's clients address it: the only open session,
-        and with several open, the oldest (unless ``--no-default-session``)."""
+    def get(self, session_id: str | None, secret: str | None = None, operator: bool = False) -> Session:
+        """The session ``session_id`` names, for a caller holding ``secret`` (or the
+        operator's token). ``0``, ``"0"``, ``""`` or None is the default session, as the
+        seed's and LiveTalking's clients address it: the only open session, and with several
+        open, the oldest (unless ``--no-default-session``); it needs no secret."""
         if session_id in (None, "", DEFAULT_SESSION_ID):
             return self._default()
         session = self._sessions.get(session_id)
         if session is None:
             raise UnknownSession(f"unknown session {session_id!r}: open one with POST /offer")
+        if not operator and (secret is None or not same(secret, session.secret)):
+            raise Forbidden(
+                f"session {session_id!r} needs its secret (the 'secret' POST /offer returned): send it as the "
+                f"'secret' field, the {SECRET_HEADER} header or ?secret="
+            )
         return session
 
     def _default(self) -> Session:
@@ -173,7 +180,7 @@ class SessionManager:
         self.worker.send(CloseSession(session_id))
         await session.close()
         if session.last_recording is not None:
-            self._counters.recordings[session_id] = session.last_recording
+            self._counters.recordings[session_id] = (session.last_recording, session.secret)
         log.info("session %s closed (%d open)", session_id, len(self._sessions))
 
     async def close_all(self) -> None:
@@ -184,13 +191,18 @@ class SessionManager:
     def recording_path(self, session: Session) -> Path:
         return Path(self.config.data_dir) / "recordings" / f"{session.id}-{_timestamp()}.mp4"
 
-    def recording(self, session_id: str) -> Path:
-        """The last finished recording of a session, open or closed."""
+    def recording(self, session_id: str, secret: str | None = None, operator: bool = False) -> Path:
+        """The last finished recording of a session, open or closed (its secret, or the token)."""
         session = self._sessions.get(session_id)
-        path = session.last_recording if session is not None else None
-        path = path or self._counters.recordings.get(session_id)
-        if path is None or not path.is_file():
+        found: tuple[Path, str] | None = None
+        if session is not None and session.last_recording is not None:
+            found = (session.last_recording, session.secret)
+        found = found or self._counters.recordings.get(session_id)
+        if found is None or not found[0].is_file():
             raise NotFound(f"no finished recording for session {session_id!r}")
+        path, owner = found
+        if not operator and (secret is None or not same(secret, owner)):
+            raise Forbidden(f"the recording of session {session_id!r} needs the session's secret: ?secret=")
         return path
 
     # ---- offline jobs ----
@@ -212,11 +224,13 @@ class SessionManager:
         return done.result
 
     # ---- figures ----
-    def stats(self) -> dict[str, Any]:
+    def stats(self, with_ids: bool = False) -> dict[str, Any]:
+        """Server figures; session ids only for the operator (``with_ids``): an id is half
+        of what drives a session."""
         w = self._counters.worker
         ready = self.worker.ready_info
         skipped = {sid: s.player.video_frames_skipped for sid, s in self._sessions.items()}
-        return {
+        out: dict[str, Any] = {
             "sessions": len(self._sessions),
             "max_sessions": self.config.max_sessions,
             "engine": ready.engine if ready else None,
@@ -224,9 +238,11 @@ class SessionManager:
             "worker_restarts": self.worker.restarts,
             "frames_rendered": w.frames_rendered if w else 0,
             "render_seconds": round(w.render_seconds, 3) if w else 0.0,
-            "video_frames_skipped": skipped,
             "video_frames_skipped_total": self._counters.video_frames_skipped + sum(skipped.values()),
         }
+        if with_ids:
+            out["video_frames_skipped"] = skipped
+        return out
 
     # ---- WorkerHandler ----
     def on_worker_message(self, msg: FromWorker) -> None:

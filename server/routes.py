@@ -12,10 +12,12 @@ from aiortc import RTCSessionDescription
 
 from media.decode import AudioDecodeError, decode_audio
 from media.timing import SAMPLE_RATE
+from server.access import is_operator, presented_secret
 from server.errors import BadRequest, ErrorCode, LipSyncError, error_body, ok
 from server.events import Closed
 from server.keys import CONFIG, MANAGER
-from server.request import field_audiotype, field_bool, field_session, field_str, field_text, optional_str, read_json
+from server.request import Body, field_audiotype, field_bool, field_session, field_str, field_text, optional_str, read_json
+from server.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,15 @@ async def offer(request: web.Request) -> web.Response:
         raise BadRequest(f"field 'type' must be 'offer', got {kind!r}")
     avatar = optional_str(body, "avatar")
     session, answer = await manager.open(RTCSessionDescription(sdp=sdp, type="offer"), avatar)
-    return ok({"sessionid": session.id}, sdp=answer.sdp, type=answer.type, sessionid=session.id)
+    return ok(
+        {"sessionid": session.id, "secret": session.secret},
+        sdp=answer.sdp, type=answer.type, sessionid=session.id, secret=session.secret,
+    )
+
+
+def session_of(request: web.Request, fields: Body) -> Session:
+    """The session a request addresses: ``sessionid`` and, for a real id, its secret."""
+    return request.app[MANAGER].get(field_session(fields), presented_secret(request, fields), is_operator(request))
 
 
 @routes.get("/humanecho")
@@ -40,7 +50,7 @@ async def humanecho(request: web.Request) -> web.WebSocketResponse:
     manager, config = request.app[MANAGER], request.app[CONFIG]
     ws = web.WebSocketResponse(heartbeat=30, max_msg_size=256 * 1024)
     try:
-        session = manager.get(request.query.get("sessionid"))
+        session = manager.get(request.query.get("sessionid"), presented_secret(request), is_operator(request))
     except LipSyncError as exc:
         if not ws.can_prepare(request).ok:
             raise  # a plain HTTP request: the JSON error
@@ -99,9 +109,9 @@ def _ws_body(data: str) -> dict[str, Any]:
 
 @routes.post("/human")
 async def human(request: web.Request) -> web.Response:
-    manager, config = request.app[MANAGER], request.app[CONFIG]
+    config = request.app[CONFIG]
     body = await read_json(request)
-    session = manager.get(field_session(body))
+    session = session_of(request, body)
     kind = optional_str(body, "type") or "echo"
     if kind not in ("echo", "chat"):
         raise BadRequest(f"field 'type' must be 'echo' or 'chat', got {kind!r}")
@@ -113,7 +123,7 @@ async def human(request: web.Request) -> web.Response:
 
 @routes.post("/humanaudio")
 async def humanaudio(request: web.Request) -> web.Response:
-    manager, config = request.app[MANAGER], request.app[CONFIG]
+    config = request.app[CONFIG]
     if not request.content_type.startswith("multipart/"):
         raise BadRequest("send multipart/form-data with fields 'sessionid' and 'file'")
     try:
@@ -121,7 +131,7 @@ async def humanaudio(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise BadRequest(f"unreadable form: {exc}") from None
     fields = dict(form)
-    session = manager.get(field_session(fields))
+    session = session_of(request, fields)
     upload = form.get("file")
     if not isinstance(upload, web.FileField):
         raise BadRequest("missing file field 'file' (wav, mp3, ogg, m4a, ...)", ErrorCode.MISSING_FIELD)
@@ -140,7 +150,7 @@ async def humanaudio(request: web.Request) -> web.Response:
 @routes.post("/set_audiotype")
 async def set_audiotype(request: web.Request) -> web.Response:
     body = await read_json(request)
-    session = request.app[MANAGER].get(field_session(body))
+    session = session_of(request, body)
     return ok(session.set_clip(field_audiotype(body), reinit=field_bool(body, "reinit")))
 
 
@@ -148,33 +158,34 @@ async def set_audiotype(request: web.Request) -> web.Response:
 async def record(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     body = await read_json(request)
-    session = manager.get(field_session(body))
+    session = session_of(request, body)
     kind = field_str(body, "type")
     if kind == "start_record":
         session.start_record(manager.recording_path(session))
         return ok()
     if kind == "end_record":
         path = await session.end_record()
-        return ok({"url": f"/record/{session.id}", "file": path.name})
+        # a download link carries no headers: the session's secret goes in it
+        return ok({"url": f"/record/{session.id}?secret={session.secret}", "file": path.name})
     raise BadRequest(f"field 'type' must be 'start_record' or 'end_record', got {kind!r}")
 
 
 @routes.get("/record/{sessionid}")
 async def download_record(request: web.Request) -> web.FileResponse:
-    path = request.app[MANAGER].recording(request.match_info["sessionid"])
+    path = request.app[MANAGER].recording(request.match_info["sessionid"], presented_secret(request), is_operator(request))
     return web.FileResponse(path, headers={"Content-Disposition": f'attachment; filename="{path.name}"'})
 
 
 @routes.post("/is_speaking")
 async def is_speaking(request: web.Request) -> web.Response:
     body = await read_json(request)
-    return ok(request.app[MANAGER].get(field_session(body)).is_speaking)
+    return ok(session_of(request, body).is_speaking)
 
 
 @routes.post("/interrupt_talk")
 async def interrupt_talk(request: web.Request) -> web.Response:
     body = await read_json(request)
-    session = request.app[MANAGER].get(field_session(body))
+    session = session_of(request, body)
     cut = session.interrupt()
     return ok({"interrupted": cut.utterances, "frame": cut.last_frame})
 
@@ -186,4 +197,4 @@ async def check(request: web.Request) -> web.Response:
 
 @routes.get("/stats")
 async def stats(request: web.Request) -> web.Response:
-    return ok(request.app[MANAGER].stats())
+    return ok(request.app[MANAGER].stats(with_ids=is_operator(request)))

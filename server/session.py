@@ -25,6 +25,7 @@ from media.pcm import Pcm
 from pipeline.client import WorkerLink
 from pipeline.frame_ring import FrameRing
 from pipeline.messages import FrameReady, OpenSession, SessionOpened, WorkerError
+from server.access import new_secret
 from server.errors import BadRequest, Conflict, ErrorCode
 from server.events import Closed, ErrorEvent, SessionEvents
 from server.player import IdleCache, SessionPlayer
@@ -48,6 +49,7 @@ class Session:
         self, session_id: str, avatar: Avatar, ring: FrameRing, tts: TTSBackend, worker: WorkerLink, idle_yuv: IdleCache
     ) -> None:
         self.id = session_id
+        self.secret = new_secret()  # issued with the session: its id alone does not drive it
         self.avatar = avatar
         self.ring = ring
         self._worker = worker

@@ -70,7 +70,7 @@ async def test_bad_fields_on_a_live_session_leave_it_working(server) -> None:
         ]
         assert client.http is not None
         for path, body, status, words in cases:
-            async with client.http.post(server.url + path, json=body) as r:
+            async with client.http.post(server.url + path, json=body, headers=client.headers) as r:
                 reply = await r.json()
                 assert r.status == status, (path, body, reply)
             assert reply["code"] != 0 and words.lower() in reply["msg"].lower(), (path, body, reply)
@@ -90,7 +90,7 @@ async def test_non_audio_empty_and_oversize_uploads_are_refused(server) -> None:
             form = aiohttp.FormData()
             form.add_field("sessionid", client.session_id)
             form.add_field("file", data, filename=name, content_type="application/octet-stream")
-            async with client.http.post(server.url + "/humanaudio", data=form) as r:
+            async with client.http.post(server.url + "/humanaudio", data=form, headers=client.headers) as r:
                 return r.status, await r.json()
 
         status, body = await upload(b"this is not audio at all" * 100, "notes.txt")
@@ -99,7 +99,7 @@ async def test_non_audio_empty_and_oversize_uploads_are_refused(server) -> None:
         assert_error(status, body, 400, "empty")
         status, body = await upload(b"\0" * (21 * 1024 * 1024), "huge.wav")
         assert_error(status, body, 413, "too large")
-        async with client.http.post(server.url + "/humanaudio", json={"sessionid": client.session_id}) as r:
+        async with client.http.post(server.url + "/humanaudio", json={"sessionid": client.session_id}, headers=client.headers) as r:
             assert_error(r.status, await r.json(), 400, "multipart")
         assert await client.is_speaking() is False
     async with aiohttp.ClientSession() as http, http.get(server.url + "/digital_human/check") as r:

@@ -41,7 +41,7 @@ async def test_preprocess_then_gen_writes_an_mp4_inside_the_data_dir(server, dat
     (uploads / "answer.wav").write_bytes(wav_bytes(0.3 * np.sin(2 * np.pi * 200 * t) * (np.sin(2 * np.pi * 3 * t) > 0)))
     ids = {"user_id": "u1", "request_id": "r1"}
     status, body = await post(server.url + "/digital_human/preprocess",
-                              {**ids, "streamer_id": "anchor", "video_path": "uploads/anchor.mp4"})
+                              {**ids, "streamer_id": "anchor", "video_path": "uploads/anchor.mp4", "overwrite": True})
     assert status == 200 and body["code"] == 0 and body["user_id"] == "u1" and body["request_id"] == "r1"
     status, body = await post(server.url + "/digital_human/gen",
                               {**ids, "streamer_id": "anchor", "tts_path": "uploads/answer.wav", "chunk_id": 3})

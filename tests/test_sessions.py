@@ -175,7 +175,7 @@ async def test_recording_is_a_frame_sink_with_the_session_audio(h: Harness) -> N
     viewer.session.say("Recorded words.")
     await h.until(lambda: not viewer.session.is_speaking)
     status, body = await h.post("/record", {"sessionid": sid, "type": "end_record"})
-    assert status == 200 and body["data"]["url"] == f"/record/{sid}"
+    assert status == 200 and body["data"]["url"] == f"/record/{sid}?secret={viewer.session.secret}"
     async with h.client.get(body["data"]["url"]) as resp:
         assert resp.status == 200
         data = await resp.read()
@@ -214,7 +214,7 @@ async def test_tts_failure_is_an_error_event_and_the_session_stays_up(tmp_path: 
 async def test_uploaded_audio_plays_whole_in_one_second_chunks(h: Harness) -> None:
     viewer = await h.viewer()
     tone = 0.3 * np.sin(2 * np.pi * 300 * np.arange(int(2.5 * SAMPLE_RATE)) / SAMPLE_RATE)
-    form = aiohttp.FormData({"sessionid": viewer.session.id})
+    form = aiohttp.FormData({"sessionid": viewer.session.id, "secret": viewer.session.secret})
     form.add_field("file", wav_bytes(tone), filename="tone.wav")
     async with h.client.post("/humanaudio", data=form) as resp:
         body = await resp.json()
@@ -225,7 +225,7 @@ async def test_uploaded_audio_plays_whole_in_one_second_chunks(h: Harness) -> No
 
 async def test_the_websocket_speaks_text_and_streams_the_events(h: Harness) -> None:
     viewer = await h.viewer()
-    async with h.client.ws_connect(f"/humanecho?sessionid={viewer.session.id}") as ws:
+    async with h.client.ws_connect(f"/humanecho?sessionid={viewer.session.id}&secret={viewer.session.secret}") as ws:
         await ws.send_str("Over the socket.")
         kinds = []
         while "speaking_ended" not in kinds:

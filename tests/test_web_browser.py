@@ -115,9 +115,11 @@ def page(browser, base_url: str, page_errors: list[str]) -> Iterator[Page]:
         context.close()
 
 
-def api(base_url: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+def api(base_url: str, path: str, body: dict | None = None, secret: str = "") -> tuple[int, dict]:
+    """A chatbot back end's call, with the session secret the page shows."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(base_url + path, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", "X-Session-Secret": secret}
+    req = urllib.request.Request(base_url + path, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
             return r.status, json.load(r)
@@ -188,13 +190,14 @@ def test_webrtcapi_page(page: Page, base_url: str, page_errors: list[str]) -> No
     page.click("#connect")
     expect(page.locator("#sessionid")).not_to_have_text("", timeout=30_000)
     session_id = page.inner_text("#sessionid").strip()
+    secret = page.inner_text("#secret").strip()
     wait_playing(page)
     connected_s = time.monotonic() - started
     tracks = page.evaluate("(() => { const s = document.getElementById('video').srcObject;"
                            " return [s.getVideoTracks().length, s.getAudioTracks().length]; })()")
     assert tracks == [1, 1], f"expected one video and one audio track, got {tracks}"
     assert page.evaluate("document.getElementById('video').playsInline") is True
-    code, body = api(base_url, "/is_speaking", {"sessionid": session_id})
+    code, body = api(base_url, "/is_speaking", {"sessionid": session_id}, secret)
     assert code == 200 and body["code"] == 0 and body["data"] is False, body
 
     speaking = page.locator("#speaking")
@@ -241,7 +244,7 @@ def test_webrtcapi_page(page: Page, base_url: str, page_errors: list[str]) -> No
     interrupt_s = time.monotonic() - t_int
     page.wait_for_timeout(1_200)  # two /is_speaking polls: the server agrees it stopped
     expect(speaking).to_have_attribute("data-speaking", "false")
-    code, body = api(base_url, "/is_speaking", {"sessionid": session_id})
+    code, body = api(base_url, "/is_speaking", {"sessionid": session_id}, secret)
     assert body.get("data") is False, f"/is_speaking after interrupt: {code} {body}"
     wait_playing(page)  # idle frames go on after the interrupt
 
@@ -312,11 +315,12 @@ def test_viewer_page_connects_and_plays(page: Page, base_url: str, page_errors: 
     expect(page.locator("#sessionid")).not_to_have_text("", timeout=30_000)
     wait_playing(page)
     session_id = page.inner_text("#sessionid").strip()
+    secret = page.inner_text("#secret").strip()
     # It is view only, but the session is a real one: speech sent over HTTP shows up.
-    code, body = api(base_url, "/human", {"sessionid": session_id, "text": "Viewer check.", "type": "echo"})
+    code, body = api(base_url, "/human", {"sessionid": session_id, "text": "Viewer check.", "type": "echo"}, secret)
     assert code == 200 and body["code"] == 0, body
     deadline = time.monotonic() + 20
-    while api(base_url, "/is_speaking", {"sessionid": session_id})[1].get("data") is not True:
+    while api(base_url, "/is_speaking", {"sessionid": session_id}, secret)[1].get("data") is not True:
         assert time.monotonic() < deadline, "the viewer's session never started speaking"
         time.sleep(0.05)
     assert page.locator("textarea, #send, #interrupt").count() == 0, "the viewer must not have controls"

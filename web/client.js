@@ -30,9 +30,12 @@ const ICE_GATHER_TIMEOUT_MS = 5000;
 const PEER_DISCONNECT_GRACE_MS = 5000;
 
 export class AvatarClient extends EventTarget {
-  constructor({ baseUrl = "", video = null, iceServers = [], pollIntervalMs = 500 } = {}) {
+  constructor({ baseUrl = "", video = null, iceServers = [], pollIntervalMs = 500, token = null } = {}) {
     super();
     this.baseUrl = baseUrl.replace(/\/+$/, "");
+    // The server's token when it has one (--token): from the option, else the page's ?token=.
+    this.token = token ?? new URL(location.href).searchParams.get("token");
+    this.secret = null; // the session's secret, issued by /offer with the session
     this.video = video;
     this.iceServers = iceServers;
     this.pollIntervalMs = pollIntervalMs;
@@ -73,7 +76,8 @@ export class AvatarClient extends EventTarget {
       if (pc !== this.pc) throw new Error("connection cancelled");
       await pc.setRemoteDescription({ sdp: answer.sdp, type: answer.type });
       this.sessionid = answer.sessionid ?? answer.data?.sessionid;
-      this._emit("session", { sessionid: this.sessionid });
+      this.secret = answer.secret ?? answer.data?.secret ?? null;
+      this._emit("session", { sessionid: this.sessionid, secret: this.secret });
       this._openSocket();
       this._startPolling();
       return this.sessionid;
@@ -149,6 +153,7 @@ export class AvatarClient extends EventTarget {
     this._setSpeaking(false, "local");
     if (this.sessionid !== null) {
       this.sessionid = null;
+      this.secret = null;
       this._emit("session", { sessionid: null });
     }
     if (wasOpen || this.state !== "idle") this._setState("disconnected");
@@ -160,6 +165,8 @@ export class AvatarClient extends EventTarget {
     const url = new URL(this.baseUrl + "/humanecho", location.href);
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
     url.searchParams.set("sessionid", this.sessionid);
+    if (this.secret) url.searchParams.set("secret", this.secret);
+    if (this.token) url.searchParams.set("token", this.token);
     const ws = new WebSocket(url);
     this.ws = ws;
     ws.onopen = () => { this._wsDelay = 0; };
@@ -286,7 +293,10 @@ export class AvatarClient extends EventTarget {
     this._need();
     const r = await this._post("/record", { sessionid: this.sessionid, type: "end_record" });
     const url = r.data?.url ?? r.url;
-    return url ? new URL(url, new URL(this.baseUrl + "/", location.href)).href : null;
+    if (!url) return null;
+    const link = new URL(url, new URL(this.baseUrl + "/", location.href));
+    if (this.token) link.searchParams.set("token", this.token); // a download link carries no headers
+    return link.href;
   }
 
   async uploadAudio(file, { interrupt = false } = {}) {
@@ -314,8 +324,12 @@ export class AvatarClient extends EventTarget {
 
   async _fetch(path, init, { quiet = false } = {}) {
     let resp, data;
+    // The token and the session's secret go with every call (headers: never in a URL a log keeps).
+    const headers = new Headers(init.headers || {});
+    if (this.token) headers.set("Authorization", `Bearer ${this.token}`);
+    if (this.secret) headers.set("X-Session-Secret", this.secret);
     try {
-      resp = await fetch(this.baseUrl + path, init);
+      resp = await fetch(this.baseUrl + path, { ...init, headers });
     } catch (err) {
       throw this._report(new ApiError(0, -1, `cannot reach the server (${path}): ${err.message}`), quiet);
     }

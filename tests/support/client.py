@@ -70,8 +70,12 @@ class ApiFailure(RuntimeError):
 
 
 class AvatarClient:
-    def __init__(self, base_url: str, keep_images: bool = True, image_every: int = 1, tap_packets: bool = False) -> None:
+    def __init__(
+        self, base_url: str, keep_images: bool = True, image_every: int = 1, tap_packets: bool = False, token: str | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.secret: str | None = None  # the session's, from /offer
         self.keep_images = keep_images
         self.tap_packets = tap_packets
         self.image_every = max(1, image_every)
@@ -88,16 +92,21 @@ class AvatarClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The session's secret, sent with every call that addresses it."""
+        return {"X-Session-Secret": self.secret} if self.secret else {}
+
     async def post(self, path: str, body: dict[str, Any], check: bool = True) -> dict[str, Any]:
         assert self.http is not None
-        async with self.http.post(self.base_url + path, json=body) as resp:
+        async with self.http.post(self.base_url + path, json=body, headers=self.headers) as resp:
             data = await resp.json()
             if check and resp.status >= 400:
                 raise ApiFailure(resp.status, data)
             return data
 
     async def connect(self, avatar: str | None = None, timeout: float = 30.0) -> str:
-        self.http = aiohttp.ClientSession()
+        self.http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"} if self.token else None)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates: no STUN lookup
         self.pc.addTransceiver("video", direction="recvonly")
         self.pc.addTransceiver("audio", direction="recvonly")
@@ -113,6 +122,7 @@ class AvatarClient:
             body["avatar"] = avatar
         answer = await self.post("/offer", body)
         self.session_id = answer["sessionid"]
+        self.secret = answer.get("secret")
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
         if self.tap_packets:
             self._tap_audio_packets()
@@ -210,7 +220,7 @@ class AvatarClient:
         form.add_field("sessionid", self.session_id or "")
         form.add_field("interrupt", "true" if interrupt else "false")
         form.add_field("file", data, filename=filename, content_type="application/octet-stream")
-        async with self.http.post(self.base_url + "/humanaudio", data=form) as resp:
+        async with self.http.post(self.base_url + "/humanaudio", data=form, headers=self.headers) as resp:
             body = await resp.json()
             if resp.status >= 400:
                 raise ApiFailure(resp.status, body)
@@ -218,7 +228,7 @@ class AvatarClient:
 
     async def events(self) -> EventStream:
         assert self.http is not None
-        ws = await self.http.ws_connect(f"{self.base_url}/humanecho?sessionid={self.session_id}")
+        ws = await self.http.ws_connect(f"{self.base_url}/humanecho?sessionid={self.session_id}", headers=self.headers)
         return EventStream(ws)
 
     async def wait_speaking(self, value: bool, timeout: float = 20.0, poll: float = 0.02) -> float:

@@ -135,8 +135,17 @@ class Harness:
         self.viewers.append(viewer)
         return viewer
 
-    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        async with self.client.post(path, json=body) as resp:
+    def secret_for(self, session_id: object) -> dict[str, str]:
+        """The X-Session-Secret header of the harness's session ``session_id`` (none for others)."""
+        for viewer in self.viewers:
+            if viewer.session.id == session_id:
+                return {"X-Session-Secret": viewer.session.secret}
+        return {}
+
+    async def post(self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+        """POST JSON; a body addressing one of the harness's sessions carries its secret."""
+        sent = {**self.secret_for(body.get("sessionid")), **(headers or {})}
+        async with self.client.post(path, json=body, headers=sent) as resp:
             return resp.status, await resp.json()
 
     async def until(self, predicate: Any, timeout: float = 5.0, poll: float = 0.01) -> None:
