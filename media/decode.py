@@ -12,8 +12,25 @@ from media.pcm import Pcm
 from media.timing import SAMPLE_RATE
 
 
+MIN_SAMPLE_RATE = 8000  # Hz: telephone speech; anything lower is not speech audio
+
+
 class AudioDecodeError(ValueError):
     pass
+
+
+def probe_seconds(path: Path | str) -> float | None:
+    """How long the audio in ``path`` says it is (from its headers: no decoding), or None."""
+    try:
+        with av.open(str(path), mode="r") as container:
+            if container.duration is not None:
+                return float(container.duration / av.time_base)
+            streams = container.streams.audio
+            if streams and streams[0].duration is not None and streams[0].time_base is not None:
+                return float(streams[0].duration * streams[0].time_base)
+    except (av.error.FFmpegError, OSError, ValueError):
+        return None
+    return None
 
 
 def decode_audio(source: bytes | Path | str, max_seconds: float = 600.0) -> Pcm:
@@ -26,6 +43,10 @@ def decode_audio(source: bytes | Path | str, max_seconds: float = 600.0) -> Pcm:
         streams = container.streams.audio
         if not streams:
             raise AudioDecodeError("the file has no audio stream")
+        rate = streams[0].codec_context.sample_rate or 0
+        if rate < MIN_SAMPLE_RATE:
+            # a 1 Hz "WAV" of a kilobyte would otherwise decode to minutes of speech
+            raise AudioDecodeError(f"its sample rate is {rate} Hz; speech needs at least {MIN_SAMPLE_RATE} Hz")
         resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
         chunks: list[np.ndarray] = []
         total = 0

@@ -104,6 +104,7 @@ def create_app(config: ServerConfig, worker_factory: WorkerFactory | None = None
         # ends their WebSockets, so a connected browser does not hold shutdown up.
         manager = app.get(MANAGER)
         if manager is not None:
+            manager.fail_jobs("the server is shutting down; send the job again once it is back")
             await manager.close_all()
 
     async def cleanup(app: web.Application) -> None:

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from avatars.avatar import InvalidAvatarName, avatar_dir, check_name
 from avatars.default import DEFAULT_NAME as DEFAULT_AVATAR
+from media.decode import probe_seconds
 from server.access import Forbidden
 from server.errors import BadRequest, Conflict, ErrorCode, NotFound, UnknownAvatar
 from server.keys import CONFIG, MANAGER
@@ -83,6 +84,9 @@ async def gen(request: web.Request) -> web.Response:
     audio = resolve_in_data(config.data_dir, field_str(body, "tts_path"), "tts_path")
     if not audio.is_file():
         raise NotFound(f"tts_path {audio} does not exist")
+    seconds = await asyncio.get_running_loop().run_in_executor(None, probe_seconds, audio)
+    if seconds is not None and seconds > config.max_gen_seconds:
+        raise BadRequest(f"tts_path holds {seconds:.0f} s of audio; /digital_human/gen takes at most {config.max_gen_seconds:.0f} s")
     try:
         manager.avatar(streamer)  # before any work
     except UnknownAvatar:

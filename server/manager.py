@@ -11,7 +11,8 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from typing import Any
 from aiortc import RTCSessionDescription
 
 from avatars.avatar import Avatar, AvatarNotFound, InvalidAvatarName, check_name, load_avatar
+from media.decode import decode_audio
+from media.pcm import Pcm
 from pipeline.client import WorkerHandler, WorkerLink
 from pipeline.frame_ring import FrameRing
 from pipeline.messages import (
@@ -36,10 +39,21 @@ from pipeline.messages import (
 )
 from server.access import SECRET_HEADER, Forbidden, same
 from server.config import ServerConfig
-from server.errors import BadRequest, ErrorCode, LipSyncError, NotFound, TooManySessions, UnknownAvatar, UnknownSession, WorkerUnavailable
+from server.errors import (
+    BadRequest,
+    ErrorCode,
+    LipSyncError,
+    NotFound,
+    TooManyRequests,
+    TooManySessions,
+    UnknownAvatar,
+    UnknownSession,
+    WorkerUnavailable,
+)
 from server.peer import answer_offer
 from server.player import IdleCache
 from server.session import Session
+from server.speech import SpeechLimits
 from tts.base import TTSBackend
 
 log = logging.getLogger(__name__)
@@ -68,13 +82,54 @@ class SessionManager:
         self._jobs: dict[str, asyncio.Future[JobDone]] = {}
         self._counters = _Counters()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Decoding an upload takes a core: a few at a time, on threads of their own, so
+        # a flood of uploads queues here instead of starving the media.
+        self._decoders = ThreadPoolExecutor(max(1, config.max_decodes), thread_name_prefix="decode")
+        self._decoding = 0
 
     async def start(self) -> WorkerReady:
-        return await self.worker.start()
+        ready = await self.worker.start()
+        self._spawn(self._close_idle_sessions())
+        return ready
 
     async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         await self.close_all()
+        self.fail_jobs("the server is shutting down")
         await self.worker.stop()
+        self._decoders.shutdown(wait=False, cancel_futures=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- uploads ----
+    async def decode(self, data: bytes, max_seconds: float) -> Pcm:
+        """An uploaded audio file as ``Pcm``; refused while ``max_decodes`` are under way."""
+        if self._decoding >= self.config.max_decodes:
+            raise TooManyRequests(
+                f"{self._decoding} audio files are being decoded (at most {self.config.max_decodes} at once): "
+                "send this one again in a moment"
+            )
+        self._decoding += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._decoders, decode_audio, data, max_seconds)
+        finally:
+            self._decoding -= 1
+
+    async def _close_idle_sessions(self) -> None:
+        """Sessions nobody has addressed for ``idle_timeout_s`` and that are not speaking."""
+        if self.config.idle_timeout_s <= 0:
+            return
+        while True:
+            await asyncio.sleep(min(30.0, self.config.idle_timeout_s / 2))
+            now = time.monotonic()
+            for session in list(self._sessions.values()):
+                if not session.is_speaking and now - session.last_used > self.config.idle_timeout_s:
+                    log.info("session %s idle for %.0f s: closing", session.id, now - session.last_used)
+                    await self.close(session.id)
 
     # ---- avatars ----
     def avatar(self, name: str) -> Avatar:
@@ -103,7 +158,9 @@ class SessionManager:
         seed's and LiveTalking's clients address it: the only open session, and with several
         open, the oldest (unless ``--no-default-session``); it needs no secret."""
         if session_id in (None, "", DEFAULT_SESSION_ID):
-            return self._default()
+            default = self._default()
+            default.last_used = time.monotonic()
+            return default
         session = self._sessions.get(session_id)
         if session is None:
             raise UnknownSession(f"unknown session {session_id!r}: open one with POST /offer")
@@ -112,6 +169,7 @@ class SessionManager:
                 f"session {session_id!r} needs its secret (the 'secret' POST /offer returned): send it as the "
                 f"'secret' field, the {SECRET_HEADER} header or ?secret="
             )
+        session.last_used = time.monotonic()
         return session
 
     def _default(self) -> Session:
@@ -130,9 +188,18 @@ class SessionManager:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    async def open(self, offer: RTCSessionDescription, avatar_name: str | None = None) -> tuple[Session, RTCSessionDescription]:
-        """A new session for a WebRTC offer: the session and the SDP answer."""
+    async def open(
+        self, offer: RTCSessionDescription, avatar_name: str | None = None, client: str | None = None
+    ) -> tuple[Session, RTCSessionDescription]:
+        """A new session for a WebRTC offer from ``client`` (its address): the session and the SDP answer."""
+        pending = [s for s in self._sessions.values() if s.peer_address == client and not s.connected]
+        if client is not None and len(pending) >= self.config.max_pending_offers:
+            raise TooManyRequests(
+                f"{len(pending)} sessions from {client} have not connected yet (at most {self.config.max_pending_offers}): "
+                "finish connecting those, or wait for them to time out"
+            )
         session = await self.create(self.avatar(avatar_name or self.config.avatar))
+        session.peer_address = client
         try:
             answer = await answer_offer(session, offer, self.config.ice_servers, self.config.connect_timeout_s, self._peer_gone)
         except Exception as exc:  # aiortc raises ValueError and several of its own on SDP it cannot answer
@@ -154,7 +221,8 @@ class SessionManager:
             raise WorkerUnavailable("the inference worker is not running; try again in a moment")
         session_id = secrets.token_hex(8)
         ring = FrameRing.create(self.config.ring_slots, avatar.frame_shape, tag=session_id)
-        session = Session(session_id, avatar, ring, self.tts, self.worker, self._idle_yuv.setdefault(avatar.name, {}))
+        limits = SpeechLimits(self.config.max_queued_utterances, self.config.max_queued_speech_s)
+        session = Session(session_id, avatar, ring, self.tts, self.worker, self._idle_yuv.setdefault(avatar.name, {}), limits)
         self._sessions[session_id] = session
         self.worker.send(session.open_message())
         try:
@@ -271,10 +339,14 @@ class SessionManager:
             case WorkerReady():
                 pass  # the client consumes it while starting
 
-    async def on_worker_restart(self) -> None:
+    def fail_jobs(self, why: str) -> None:
+        """Answer every job still waiting, so no request hangs on one."""
         for job_id, future in list(self._jobs.items()):
             if not future.done():
-                future.set_result(JobDone(job_id, None, error="the inference worker restarted during the job; send it again"))
+                future.set_result(JobDone(job_id, None, error=why))
+
+    async def on_worker_restart(self) -> None:
+        self.fail_jobs("the inference worker restarted during the job; send it again")
         for session in list(self._sessions.values()):
             session.on_worker_lost()
             self.worker.send(session.open_message())

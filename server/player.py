@@ -65,6 +65,7 @@ class SessionPlayer:
         self._decided = -1
         self._speaking: str | None = None
         self.video_frames_skipped = 0
+        self.speech_shown = 0  # speech samples decided since the last cut: the feeder's backpressure
         self.closed = False
 
     # ---- clock ----
@@ -117,6 +118,7 @@ class SessionPlayer:
         still have 20 ms of speech to send). The speech feeder reports the cut utterances."""
         while self._pending:
             self._release(self._pending.popleft().slot)
+        self.speech_shown = 0
         if self._speaking is not None:
             self._speaking = None
             current = self._frames.get(self._decided)
@@ -153,6 +155,7 @@ class SessionPlayer:
             image = self.ring.view(msg.slot).copy()
             self.ring.release(msg.slot)
             self._cursor = msg.cursor + 1
+            self.speech_shown += msg.audio.size
             if msg.utterance_id != self._speaking:
                 if self._speaking is not None:
                     self._notify_ended(self._speaking)

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from aiortc import RTCSessionDescription
 
-from media.decode import AudioDecodeError, decode_audio
+from media.decode import AudioDecodeError
 from media.timing import SAMPLE_RATE
 from server.access import is_operator, presented_secret
 from server.errors import BadRequest, ErrorCode, LipSyncError, error_body, ok
@@ -33,7 +33,7 @@ async def offer(request: web.Request) -> web.Response:
     if kind != "offer":
         raise BadRequest(f"field 'type' must be 'offer', got {kind!r}")
     avatar = optional_str(body, "avatar")
-    session, answer = await manager.open(RTCSessionDescription(sdp=sdp, type="offer"), avatar)
+    session, answer = await manager.open(RTCSessionDescription(sdp=sdp, type="offer"), avatar, request.remote)
     return ok(
         {"sessionid": session.id, "secret": session.secret},
         sdp=answer.sdp, type=answer.type, sessionid=session.id, secret=session.secret,
@@ -140,7 +140,7 @@ async def humanaudio(request: web.Request) -> web.Response:
         raise BadRequest("the uploaded file is empty", ErrorCode.UNSUPPORTED_AUDIO)
     interrupt = field_bool(fields, "interrupt")
     try:
-        pcm = await asyncio.get_running_loop().run_in_executor(None, decode_audio, data, config.max_audio_seconds)
+        pcm = await request.app[MANAGER].decode(data, config.max_audio_seconds)
     except AudioDecodeError as exc:
         raise BadRequest(f"{upload.filename}: {exc}", ErrorCode.UNSUPPORTED_AUDIO) from None
     utterance = session.play_audio(pcm, interrupt=interrupt)

@@ -30,7 +30,7 @@ from server.errors import BadRequest, Conflict, ErrorCode
 from server.events import Closed, ErrorEvent, SessionEvents
 from server.player import IdleCache, SessionPlayer
 from server.recorder import Recorder
-from server.speech import SpeechFeeder
+from server.speech import DEFAULT_LIMITS, SpeechFeeder, SpeechLimits
 from tts.base import TTSBackend
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,14 @@ class Cut:
 
 class Session:
     def __init__(
-        self, session_id: str, avatar: Avatar, ring: FrameRing, tts: TTSBackend, worker: WorkerLink, idle_yuv: IdleCache
+        self,
+        session_id: str,
+        avatar: Avatar,
+        ring: FrameRing,
+        tts: TTSBackend,
+        worker: WorkerLink,
+        idle_yuv: IdleCache,
+        limits: SpeechLimits = DEFAULT_LIMITS,
     ) -> None:
         self.id = session_id
         self.secret = new_secret()  # issued with the session: its id alone does not drive it
@@ -54,12 +61,16 @@ class Session:
         self.ring = ring
         self._worker = worker
         self.events = SessionEvents(session_id)
-        self.feeder = SpeechFeeder(session_id, tts, worker.send, lambda: self.player.cursor, self.events)
+        self.feeder = SpeechFeeder(
+            session_id, tts, worker.send, lambda: self.player.cursor, self.events, lambda: self.player.speech_shown, limits
+        )
         self.player = SessionPlayer(avatar, ring, lambda: self.feeder.generation, listener=self, idle_yuv=idle_yuv)
         self.pc: RTCPeerConnection | None = None
         self.inbound: MediaBlackhole | None = None  # what the client sends, dropped
         self.opened: asyncio.Future[SessionOpened] = asyncio.get_running_loop().create_future()
         self.created_at = time.monotonic()
+        self.last_used = self.created_at  # the last call that addressed it: idle sessions are closed
+        self.peer_address: str | None = None  # who opened it
         self.audiotype = 0
         self.closed = False
         self._recorder: Recorder | None = None
@@ -70,6 +81,11 @@ class Session:
         """Hold a background task of this session until it ends or the session closes."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    @property
+    def connected(self) -> bool:
+        """Its peer completed ICE (a session made without a peer counts as connected)."""
+        return self.pc is None or self.pc.connectionState == "connected"
 
     def open_message(self) -> OpenSession:
         """What tells a worker about this session (on creation, and again after a restart)."""

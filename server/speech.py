@@ -14,7 +14,7 @@ from enum import Enum
 from media.pcm import Pcm, silence
 from media.timing import SAMPLE_RATE
 from pipeline.messages import AudioChunk, Interrupt, ToWorker
-from server.errors import ErrorCode
+from server.errors import ErrorCode, TooManyRequests
 from server.events import ErrorEvent, Queued, SessionEvents, SpeakingEnded, SpeakingStarted
 from tts.base import TTSBackend, TTSError
 
@@ -22,6 +22,20 @@ log = logging.getLogger(__name__)
 
 START_LEAD_FRAMES = 2  # frames between sending speech and its first frame being shown
 UPLOAD_CHUNK_SAMPLES = SAMPLE_RATE  # uploaded audio goes to the worker a second at a time
+AHEAD_S = 8.0  # speech sent to the worker but not shown yet: beyond this the feeder waits
+AHEAD_POLL_S = 0.05
+TEXT_SECONDS_PER_CHAR = 0.08  # a generous estimate of speech per character, to bound queued text
+
+
+@dataclass(frozen=True)
+class SpeechLimits:
+    """What one session may have queued; beyond it ``say``/``play`` are refused."""
+
+    utterances: int = 32
+    seconds: float = 300.0
+
+
+DEFAULT_LIMITS = SpeechLimits()
 
 
 class UtteranceState(Enum):
@@ -39,6 +53,13 @@ class Utterance:
     state: UtteranceState = UtteranceState.QUEUED
     queued_at: float = field(default_factory=time.monotonic)
 
+    @property
+    def seconds(self) -> float:
+        """Its length: exact for audio, estimated for text not yet synthesised."""
+        if self.pcm is not None:
+            return self.pcm.size / SAMPLE_RATE
+        return len(self.text or "") * TEXT_SECONDS_PER_CHAR
+
 
 class SpeechFeeder:
     def __init__(
@@ -48,12 +69,17 @@ class SpeechFeeder:
         send: Callable[[ToWorker], None],
         cursor: Callable[[], int],
         events: SessionEvents,
+        shown: Callable[[], int] = lambda: 0,
+        limits: SpeechLimits = DEFAULT_LIMITS,
     ) -> None:
         self.session_id = session_id
         self._tts = tts
         self._send = send
         self._cursor = cursor  # the player's position on the idle loop
+        self._shown = shown  # speech samples the player has shown since the last cut
+        self._limits = limits
         self._events = events
+        self._sent = 0  # speech samples sent to the worker since the last cut
         self._generation = 0
         self._counter = 0
         self._utterances: dict[str, Utterance] = {}
@@ -78,8 +104,20 @@ class SpeechFeeder:
         return self._enqueue(pcm=pcm)
 
     def _enqueue(self, text: str | None = None, pcm: Pcm | None = None) -> str:
+        utt = Utterance("", self._generation, text=text, pcm=pcm)
+        if len(self._utterances) >= self._limits.utterances:
+            raise TooManyRequests(
+                f"this session already has {len(self._utterances)} utterances queued (at most {self._limits.utterances}): "
+                "wait for them to be spoken, or interrupt"
+            )
+        queued = sum(u.seconds for u in self._utterances.values() if u.samples_sent == 0)
+        if queued + utt.seconds > self._limits.seconds:
+            raise TooManyRequests(
+                f"this session would have {queued + utt.seconds:.0f} s of speech queued (at most {self._limits.seconds:.0f} s): "
+                "wait for it to be spoken, or interrupt"
+            )
         self._counter += 1
-        utt = Utterance(f"{self.session_id}-{self._counter}", self._generation, text=text, pcm=pcm)
+        utt.id = f"{self.session_id}-{self._counter}"
         self._utterances[utt.id] = utt
         self._queue.put_nowait(utt)
         self._events.publish(Queued(utt.id, text, "text" if text is not None else "audio"))
@@ -107,6 +145,7 @@ class SpeechFeeder:
 
     def _reset(self) -> list[str]:
         self._generation += 1
+        self._sent = 0  # the player's count restarts with its cut too
         if self._task is not None:
             self._task.cancel()
         self._queue = asyncio.Queue()
@@ -161,9 +200,15 @@ class SpeechFeeder:
                 async for pcm in self._pcm(utt):
                     if pcm.size == 0:
                         continue
+                    # Backpressure: the worker holds what it is sent until it is shown, so
+                    # the feeder (and a TTS stream behind it) waits while plenty is ahead.
+                    # polled: the player would otherwise need a callback per frame for this
+                    while self._sent - self._shown() > AHEAD_S * SAMPLE_RATE:  # noqa: ASYNC110
+                        await asyncio.sleep(AHEAD_POLL_S)
                     start = self._cursor() + START_LEAD_FRAMES if utt.samples_sent == 0 else 0
                     self._send(self._chunk(utt, pcm, start_cursor=start))
                     utt.samples_sent += pcm.size
+                    self._sent += pcm.size
                 if utt.samples_sent == 0:
                     self._end(utt.id, SpeakingEnded(utt.id, empty=True))
                     continue
