@@ -11,7 +11,6 @@ import numpy as np
 from media.pcm import Pcm
 from media.timing import SAMPLE_RATE
 
-
 MIN_SAMPLE_RATE = 8000  # Hz: telephone speech; anything lower is not speech audio
 
 
