@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from avatars.avatar import AvatarNotFound, load_avatar
 from pipeline.client import WorkerClient, WorkerHandler, WorkerLink
 from pipeline.worker import WorkerConfig
+from server import logcontext
 from server.access import access_middleware
 from server.config import ServerConfig
 from server.digital_human import routes as digital_human_routes
@@ -21,6 +23,8 @@ from tts.base import TTSBackend
 from tts.registry import create_tts
 
 log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 async def _prepare_default_avatar(config: ServerConfig) -> None:
@@ -54,7 +58,15 @@ def process_worker(config: ServerConfig) -> WorkerFactory:
 def create_app(config: ServerConfig, worker_factory: WorkerFactory | None = None, tts: TTSBackend | None = None) -> web.Application:
     """The server. ``worker_factory`` and ``tts`` default to the real ones the config
     names; tests pass stand-ins to run everything in one process."""
-    middlewares = [error_middleware, access_middleware(config.token, config.cors_origins)]
+    @web.middleware
+    async def count_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        manager = request.app.get(MANAGER)
+        if manager is not None:
+            manager.metrics.answered(response.status)
+        return response
+
+    middlewares = [count_errors, error_middleware, access_middleware(config.token, config.cors_origins)]
     app = web.Application(middlewares=middlewares, client_max_size=config.max_upload_bytes)
     app[CONFIG] = config
     app.add_routes(routes)
@@ -87,6 +99,7 @@ def create_app(config: ServerConfig, worker_factory: WorkerFactory | None = None
     app.router.add_route("*", "/{path:.+}", static)
 
     async def startup(app: web.Application) -> None:
+        logcontext.install()
         config.data_dir.mkdir(parents=True, exist_ok=True)
         await _prepare_default_avatar(config)
         manager = SessionManager(

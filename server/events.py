@@ -114,12 +114,17 @@ class Subscription:
 class SessionEvents:
     """Publish/subscribe for one session."""
 
-    def __init__(self, session_id: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, session_id: str, clock: Callable[[], float] = time.time, observer: Callable[[SessionEvent], None] | None = None
+    ) -> None:
         self.session_id = session_id
         self._clock = clock
+        self._observer = observer  # sees every event (the server's metrics)
         self._listeners: set[Subscription] = set()
 
     def publish(self, event: SessionEvent) -> None:
+        if self._observer is not None:
+            self._observer(event)
         message = to_json(event, self.session_id, self._clock())
         for listener in list(self._listeners):
             listener.deliver(message)

@@ -50,6 +50,8 @@ from server.errors import (
     UnknownSession,
     WorkerUnavailable,
 )
+from server.logcontext import SESSION
+from server.metrics import Metrics, exposition
 from server.peer import answer_offer
 from server.player import IdleCache
 from server.session import Session
@@ -86,6 +88,7 @@ class SessionManager:
         # a flood of uploads queues here instead of starving the media.
         self._decoders = ThreadPoolExecutor(max(1, config.max_decodes), thread_name_prefix="decode")
         self._decoding = 0
+        self.metrics = Metrics()
 
     async def start(self) -> WorkerReady:
         ready = await self.worker.start()
@@ -114,10 +117,12 @@ class SessionManager:
                 "send this one again in a moment"
             )
         self._decoding += 1
+        started = time.perf_counter()
         try:
             return await asyncio.get_running_loop().run_in_executor(self._decoders, decode_audio, data, max_seconds)
         finally:
             self._decoding -= 1
+            self.metrics.decoded(time.perf_counter() - started)
 
     async def _close_idle_sessions(self) -> None:
         """Sessions nobody has addressed for ``idle_timeout_s`` and that are not speaking."""
@@ -160,6 +165,7 @@ class SessionManager:
         if session_id in (None, "", DEFAULT_SESSION_ID):
             default = self._default()
             default.last_used = time.monotonic()
+            SESSION.set(default.id)
             return default
         session = self._sessions.get(session_id)
         if session is None:
@@ -170,6 +176,7 @@ class SessionManager:
                 f"'secret' field, the {SECRET_HEADER} header or ?secret="
             )
         session.last_used = time.monotonic()
+        SESSION.set(session.id)
         return session
 
     def _default(self) -> Session:
@@ -222,7 +229,10 @@ class SessionManager:
         session_id = secrets.token_hex(8)
         ring = FrameRing.create(self.config.ring_slots, avatar.frame_shape, tag=session_id)
         limits = SpeechLimits(self.config.max_queued_utterances, self.config.max_queued_speech_s)
-        session = Session(session_id, avatar, ring, self.tts, self.worker, self._idle_yuv.setdefault(avatar.name, {}), limits)
+        SESSION.set(session_id)  # its tasks and this request's log lines carry its id
+        session = Session(
+            session_id, avatar, ring, self.tts, self.worker, self._idle_yuv.setdefault(avatar.name, {}), limits, self.metrics.observe
+        )
         self._sessions[session_id] = session
         self.worker.send(session.open_message())
         try:
@@ -311,6 +321,37 @@ class SessionManager:
         if with_ids:
             out["video_frames_skipped"] = skipped
         return out
+
+    def health(self) -> dict[str, Any]:
+        """Whether the server can serve: its worker is up. ``ok`` False means a 503."""
+        ready = self.worker.ready_info
+        return {
+            "ok": self.worker.alive,
+            "worker": {"alive": self.worker.alive, "pid": self.worker.pid, "restarts": self.worker.restarts,
+                       "engine": ready.engine if ready else None},
+            "sessions": len(self._sessions),
+            "speaking": sum(s.is_speaking for s in self._sessions.values()),
+        }
+
+    def metrics_text(self) -> str:
+        """Prometheus text exposition of the server's figures (no session ids)."""
+        w = self._counters.worker
+        rendered = w.frames_rendered if w else 0
+        skipped = self._counters.video_frames_skipped + sum(s.player.video_frames_skipped for s in self._sessions.values())
+        gauges = {
+            "lipsync_sessions": ("open sessions", len(self._sessions)),
+            "lipsync_speaking_sessions": ("sessions speaking now", sum(s.is_speaking for s in self._sessions.values())),
+            "lipsync_queued_utterances": ("utterances queued or speaking, all sessions",
+                                          sum(s.feeder.queued for s in self._sessions.values())),
+            "lipsync_frames_rendered": ("speaking frames the worker rendered", rendered),
+            "lipsync_video_frames_skipped": ("video frames skipped because an encoder fell behind", skipped),
+            "lipsync_worker_batch_max": ("the largest batch the worker rendered", w.max_batch if w else 0),
+            "lipsync_worker_frames_per_second": ("speaking frames rendered a second, since the last scrape",
+                                                 self.metrics.frames_rate(rendered)),
+            "lipsync_worker_up": ("1 while the inference worker runs", 1.0 if self.worker.alive else 0.0),
+            "lipsync_worker_restarts": ("times the worker was replaced", self.worker.restarts),
+        }
+        return exposition(self.metrics, gauges)
 
     # ---- WorkerHandler ----
     def on_worker_message(self, msg: FromWorker) -> None:

@@ -195,6 +195,20 @@ async def check(request: web.Request) -> web.Response:
     return web.json_response({"status": "Server is running"})
 
 
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    """The worker's state; 503 while it is down (a load balancer takes the hint)."""
+    state = request.app[MANAGER].health()
+    return web.json_response({"code": 0 if state["ok"] else int(ErrorCode.WORKER_UNAVAILABLE), "msg": "ok" if state["ok"]
+                              else "the inference worker is not running", "data": state}, status=200 if state["ok"] else 503)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[MANAGER].metrics_text(), content_type="text/plain", charset="utf-8",
+                        headers={"Cache-Control": "no-store"})
+
+
 @routes.get("/stats")
 async def stats(request: web.Request) -> web.Response:
     return ok(request.app[MANAGER].stats(with_ids=is_operator(request)))

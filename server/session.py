@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from pipeline.frame_ring import FrameRing
 from pipeline.messages import FrameReady, OpenSession, SessionOpened, WorkerError
 from server.access import new_secret
 from server.errors import BadRequest, Conflict, ErrorCode
-from server.events import Closed, ErrorEvent, SessionEvents
+from server.events import Closed, ErrorEvent, SessionEvent, SessionEvents
 from server.player import IdleCache, SessionPlayer
 from server.recorder import Recorder
 from server.speech import DEFAULT_LIMITS, SpeechFeeder, SpeechLimits
@@ -54,13 +55,14 @@ class Session:
         worker: WorkerLink,
         idle_yuv: IdleCache,
         limits: SpeechLimits = DEFAULT_LIMITS,
+        observer: Callable[[SessionEvent], None] | None = None,
     ) -> None:
         self.id = session_id
         self.secret = new_secret()  # issued with the session: its id alone does not drive it
         self.avatar = avatar
         self.ring = ring
         self._worker = worker
-        self.events = SessionEvents(session_id)
+        self.events = SessionEvents(session_id, observer=observer)
         self.feeder = SpeechFeeder(
             session_id, tts, worker.send, lambda: self.player.cursor, self.events, lambda: self.player.speech_shown, limits
         )

@@ -92,6 +92,11 @@ class SpeechFeeder:
         return self._generation
 
     @property
+    def queued(self) -> int:
+        """Utterances queued or speaking."""
+        return len(self._utterances)
+
+    @property
     def is_speaking(self) -> bool:
         """True from the moment speech is queued until its last frame is shown."""
         return bool(self._utterances)
