@@ -87,7 +87,9 @@ browser() {  # Debian's Chromium for the browser test (Playwright cannot downloa
 case "$MODE" in
     serve)
         install ""
-        exec "$PY" -m server --port "${LIPSYNC_PORT:-8010}" --avatar default --engine cpu "$@"
+        # the defaults are port 8010, the default avatar and the CPU engine; LIPSYNC_* and
+        # --config can change them (flags given here beat both)
+        exec "$PY" -m server "$@"
         ;;
     test)
         install "musetalk,dev"
