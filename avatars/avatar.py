@@ -79,7 +79,7 @@ class Avatar:
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not AVATAR_NAME_RE.match(name):
+    if not isinstance(name, str) or not AVATAR_NAME_RE.fullmatch(name):
         raise InvalidAvatarName(
             f"invalid avatar name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
         )
@@ -157,7 +157,7 @@ def list_avatars(data_dir: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(
-        p.name for p in root.iterdir() if AVATAR_NAME_RE.match(p.name) and (p / "avatar.json").is_file()
+        p.name for p in root.iterdir() if AVATAR_NAME_RE.fullmatch(p.name) and (p / "avatar.json").is_file()
     )
 
 

@@ -47,7 +47,8 @@ def new_secret() -> str:
 
 
 def same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
+    # surrogatepass: a header's undecodable bytes or a JSON "\ud800" compare (unequal) instead of raising
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
 def presented_token(request: web.Request) -> str | None:

@@ -18,6 +18,7 @@ from server.digital_human import routes as digital_human_routes
 from server.errors import ErrorCode, LipSyncError, error_middleware
 from server.keys import CONFIG, MANAGER
 from server.manager import SessionManager, WorkerFactory
+from server.openapi import routes as openapi_routes
 from server.routes import routes
 from tts.base import TTSBackend
 from tts.registry import create_tts
@@ -71,13 +72,14 @@ def create_app(config: ServerConfig, worker_factory: WorkerFactory | None = None
     app[CONFIG] = config
     app.add_routes(routes)
     app.add_routes(digital_human_routes)
+    app.add_routes(openapi_routes)
 
     async def index(request: web.Request) -> web.StreamResponse:
         raise web.HTTPFound("/webrtcapi.html")
 
     web_root = config.web_dir.resolve()
     methods: dict[str, set[str]] = {}  # the fixed routes and their methods
-    for table in (routes, digital_human_routes):
+    for table in (routes, digital_human_routes, openapi_routes):
         for r in table:
             if isinstance(r, web.RouteDef) and "{" not in r.path:
                 methods.setdefault(r.path, set()).add(r.method)
@@ -90,8 +92,12 @@ def create_app(config: ServerConfig, worker_factory: WorkerFactory | None = None
         if allowed:
             raise LipSyncError(f"{request.method} is not allowed on {request.path}; use {', '.join(sorted(allowed))}",
                                ErrorCode.METHOD_NOT_ALLOWED)
-        path = (web_root / request.match_info["path"]).resolve()
-        if request.method not in ("GET", "HEAD") or web_root not in path.parents or not path.is_file():
+        try:
+            path = (web_root / request.match_info["path"]).resolve()
+            found = request.method in ("GET", "HEAD") and web_root in path.parents and path.is_file()
+        except (OSError, ValueError):  # a NUL byte, a name longer than the file system takes: no such file
+            found = False
+        if not found:
             raise LipSyncError(f"no such route or file: {request.path}", ErrorCode.NOT_FOUND)
         return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NAME_MAX = 255  # bytes in one path component (Linux, macOS, Windows)
 OUTPUTS_URL = "/digital_human/outputs"
 
 
@@ -32,16 +34,22 @@ def resolve_in_data(data_dir: Path, given: str, field: str) -> Path:
     if "\0" in given:
         raise BadRequest(f"field '{field}' holds a NUL character", ErrorCode.INVALID_FIELD)
     path = Path(given)
+    if any(len(os.fsencode(part)) > NAME_MAX for part in path.parts):
+        raise BadRequest(f"field '{field}' has a path component longer than {NAME_MAX} bytes", ErrorCode.INVALID_FIELD)
     candidates = [path] if path.is_absolute() else [root / path, Path.cwd() / path]
-    inside = [p for p in (c.resolve() for c in candidates) if p == root or root in p.parents]
-    if not inside:
-        raise BadRequest(f"field '{field}' must name a file inside the data directory {root}, got {given!r}", ErrorCode.PATH_OUTSIDE_DATA)
-    return next((p for p in inside if p.exists()), inside[0])
+    try:
+        inside = [p for p in (c.resolve() for c in candidates) if p == root or root in p.parents]
+        if not inside:
+            raise BadRequest(f"field '{field}' must name a file inside the data directory {root}, got {given!r}",
+                             ErrorCode.PATH_OUTSIDE_DATA)
+        return next((p for p in inside if p.exists()), inside[0])
+    except OSError as exc:  # too long as a whole, a symlink loop, ...: the path cannot name a file here
+        raise BadRequest(f"field '{field}' is not a usable path: {exc.strerror}", ErrorCode.INVALID_FIELD) from None
 
 
 def _id(body: Body, name: str) -> str:
     value = field_str(body, name, max_len=64, allow_int=True)
-    if not ID_RE.match(value):
+    if not ID_RE.fullmatch(value):
         raise BadRequest(f"field '{name}' may hold only letters, digits, '_', '-' and '.' (1-64), got {value!r}")
     return value
 
@@ -110,7 +118,7 @@ async def gen(request: web.Request) -> web.Response:
 async def download_output(request: web.Request) -> web.FileResponse:
     """An mp4 that ``/digital_human/gen`` wrote."""
     user_id, name = request.match_info["user_id"], request.match_info["name"]
-    if not ID_RE.match(user_id) or not ID_RE.match(name) or not name.endswith(".mp4"):
+    if not ID_RE.fullmatch(user_id) or not ID_RE.fullmatch(name) or not name.endswith(".mp4"):
         raise NotFound(f"no such output: {user_id}/{name}")
     path = Path(request.app[CONFIG].data_dir).resolve() / "outputs" / user_id / name
     if not path.is_file():

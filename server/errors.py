@@ -13,6 +13,8 @@ from enum import IntEnum
 from typing import Any, ClassVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,7 @@ class ErrorCode(IntEnum):
     EMPTY_TEXT = 1004
     UNSUPPORTED_AUDIO = 1005
     PAYLOAD_TOO_LARGE = 1006
+    MALFORMED_REQUEST = 1007  # not the fields: the HTTP request itself (its body's encoding, a WebSocket handshake)
     UNKNOWN_SESSION = 1101
     UNKNOWN_AVATAR = 1102
     NOT_FOUND = 1103
@@ -47,6 +50,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.EMPTY_TEXT: 400,
     ErrorCode.UNSUPPORTED_AUDIO: 400,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.MALFORMED_REQUEST: 400,
     ErrorCode.UNKNOWN_SESSION: 404,
     ErrorCode.UNKNOWN_AVATAR: 404,
     ErrorCode.NOT_FOUND: 404,
@@ -133,12 +137,32 @@ def ok(data: Any = None, **extra: Any) -> web.Response:
     return web.json_response(body)
 
 
+# aiohttp's own HTTP errors (raised by it or a handler), as the code a client sees.
+_STATUS_CODE: dict[int, ErrorCode] = {
+    400: ErrorCode.MALFORMED_REQUEST,
+    401: ErrorCode.UNAUTHORIZED,
+    403: ErrorCode.FORBIDDEN,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    409: ErrorCode.CONFLICT,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    429: ErrorCode.TOO_MANY_REQUESTS,
+}
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Every failure as the JSON error: the domain's ``LipSyncError``, aiohttp's HTTP errors
+    (404, 405, 413, a bad WebSocket handshake, ...) and its errors reading a body (a
+    ``Content-Encoding`` that does not decode: 400); anything else is a 500 with the details
+    in the log. Redirects and other non-error ``HTTPException`` pass through."""
     try:
         return await handler(request)
     except LipSyncError as exc:
-        return error_response(exc.code, exc.msg)
+        response = error_response(exc.code, exc.msg)
+        if exc.code == ErrorCode.MALFORMED_REQUEST:
+            response.force_close()  # a body aiohttp could not read leaves nothing to reuse the connection for
+        return response
     except web.HTTPRequestEntityTooLarge as exc:
         return error_response(ErrorCode.PAYLOAD_TOO_LARGE, f"request body too large: {exc.text}")
     except web.HTTPNotFound:
@@ -146,8 +170,18 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
         return error_response(ErrorCode.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.path}; use {allowed}")
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _STATUS_CODE.get(exc.status, ErrorCode.MALFORMED_REQUEST if exc.status < 500 else ErrorCode.INTERNAL)
+        text = " ".join((exc.text or exc.reason).split())
+        return web.json_response(error_body(code, f"{request.method} {request.path}: {text}"), status=exc.status)
+    except (RequestPayloadError, HttpProcessingError) as exc:  # a body aiohttp could not read
+        cause = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
+        what = " ".join(str(getattr(cause, "message", "") or cause).split())
+        response = error_response(ErrorCode.MALFORMED_REQUEST, f"the request body could not be read: {what}")
+        response.force_close()
+        return response
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(ErrorCode.INTERNAL, "internal server error; the server log has the details")

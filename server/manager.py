@@ -20,7 +20,7 @@ from typing import Any
 from aiortc import RTCSessionDescription
 
 from avatars.avatar import Avatar, AvatarNotFound, InvalidAvatarName, check_name, load_avatar
-from media.decode import decode_audio
+from media.decode import AudioDecodeError, decode_audio
 from media.pcm import Pcm
 from pipeline.client import WorkerHandler, WorkerLink
 from pipeline.frame_ring import FrameRing
@@ -120,6 +120,11 @@ class SessionManager:
         started = time.perf_counter()
         try:
             return await asyncio.get_running_loop().run_in_executor(self._decoders, decode_audio, data, max_seconds)
+        except AudioDecodeError:
+            raise
+        except Exception as exc:  # PyAV on a file it has no decoder for (codec_context None, ...): the upload's fault
+            log.warning("decoding an upload failed: %r", exc)
+            raise AudioDecodeError(f"the file cannot be decoded ({type(exc).__name__}: {exc})") from None
         finally:
             self._decoding -= 1
             self.metrics.decoded(time.perf_counter() - started)

@@ -3,7 +3,6 @@ method of the manager or a session."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any
 
@@ -16,7 +15,18 @@ from server.access import is_operator, presented_secret
 from server.errors import BadRequest, ErrorCode, LipSyncError, error_body, ok
 from server.events import Closed
 from server.keys import CONFIG, MANAGER
-from server.request import Body, field_audiotype, field_bool, field_session, field_str, field_text, optional_str, read_json
+from server.request import (
+    Body,
+    field_audiotype,
+    field_bool,
+    field_session,
+    field_str,
+    field_text,
+    optional_str,
+    parse_json_object,
+    read_form,
+    read_json,
+)
 from server.session import Session
 
 log = logging.getLogger(__name__)
@@ -59,6 +69,8 @@ async def humanecho(request: web.Request) -> web.WebSocketResponse:
         await ws.send_json({"event": "error", **error_body(exc.code, exc.msg)})
         await ws.close()
         return ws
+    if not ws.can_prepare(request).ok:
+        raise BadRequest("/humanecho is a WebSocket: connect with a WebSocket client (Upgrade: websocket)", ErrorCode.MALFORMED_REQUEST)
     await ws.prepare(request)
 
     events = session.events.subscribe()
@@ -83,12 +95,11 @@ async def humanecho(request: web.Request) -> web.WebSocketResponse:
                 body = _ws_body(msg.data)
                 text = field_text(body, config.max_text_chars)
                 interrupt = field_bool(body, "interrupt")
+                if session.closed:
+                    break
+                session.say(text, interrupt=interrupt)  # a full queue is an error event too, not the end of the socket
             except LipSyncError as exc:
                 await ws.send_json({"event": "error", **error_body(exc.code, exc.msg)})
-                continue
-            if session.closed:
-                break
-            session.say(text, interrupt=interrupt)
     finally:
         forwarder.cancel()
         events.close()
@@ -98,13 +109,7 @@ async def humanecho(request: web.Request) -> web.WebSocketResponse:
 def _ws_body(data: str) -> dict[str, Any]:
     if not data.lstrip().startswith("{"):
         return {"text": data}
-    try:
-        body = json.loads(data)
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"invalid JSON message: {exc}", ErrorCode.INVALID_JSON) from None
-    if not isinstance(body, dict):
-        raise BadRequest("a JSON message must be an object", ErrorCode.INVALID_JSON)
-    return body
+    return parse_json_object(data, "the JSON message")
 
 
 @routes.post("/human")
@@ -126,10 +131,7 @@ async def humanaudio(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     if not request.content_type.startswith("multipart/"):
         raise BadRequest("send multipart/form-data with fields 'sessionid' and 'file'")
-    try:
-        form = await request.post()
-    except ValueError as exc:
-        raise BadRequest(f"unreadable form: {exc}") from None
+    form = await read_form(request)
     fields = dict(form)
     session = session_of(request, fields)
     upload = form.get("file")

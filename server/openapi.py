@@ -1,0 +1,451 @@
+"""The HTTP API as an OpenAPI 3.1 document, served at ``GET /openapi.json``.
+
+Every route the app registers is here (``tests/test_openapi.py`` holds the two sets equal,
+and ``tests/test_fuzz.py`` fuzzes every operation against it): request bodies (JSON, and
+multipart for ``/humanaudio``), the ``sessionid``/``secret``/``token`` query parameters, the
+``Authorization: Bearer`` and ``X-Session-Secret`` schemes, the ``{"code", "msg", "data"}``
+envelope and, per HTTP status, the error codes that status carries. OpenAPI has no
+WebSocket messages: ``/humanecho`` documents its handshake, and its messages and events as
+schemas (``WsMessage``, ``WsEvent``) named by the ``x-websocket`` extension.
+
+Limits that are settings (text length, upload size) come from the running server's config.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from server.config import ServerConfig
+from server.errors import HTTP_STATUS, ErrorCode
+from server.keys import CONFIG
+from server.request import MAX_SECRET_CHARS
+
+OPENAPI_PATH = "/openapi.json"
+VERSION = "0.1.0"
+
+routes = web.RouteTableDef()
+
+Schema = dict[str, Any]
+
+# What each error code means, for the document (ErrorCode itself carries no prose).
+CODE_MEANING: dict[ErrorCode, str] = {
+    ErrorCode.INVALID_JSON: "the body is not a JSON object (not UTF-8, not JSON, nested too deeply, a number out of range)",
+    ErrorCode.MISSING_FIELD: "a required field is missing",
+    ErrorCode.INVALID_FIELD: "a field has the wrong type or value (the message names it)",
+    ErrorCode.EMPTY_TEXT: "the text to speak is empty or blank",
+    ErrorCode.UNSUPPORTED_AUDIO: "the uploaded or named audio cannot be decoded, or is empty",
+    ErrorCode.PAYLOAD_TOO_LARGE: "the body is larger than the server takes",
+    ErrorCode.MALFORMED_REQUEST: "the HTTP request itself is malformed (a body that does not decode, no WebSocket upgrade)",
+    ErrorCode.UNKNOWN_SESSION: "no such session (or no default session)",
+    ErrorCode.UNKNOWN_AVATAR: "the avatar is not prepared",
+    ErrorCode.NOT_FOUND: "no such route, file, recording or output",
+    ErrorCode.METHOD_NOT_ALLOWED: "the route does not take this method",
+    ErrorCode.PATH_OUTSIDE_DATA: "a path names a file outside the data directory",
+    ErrorCode.CONFLICT: "the session or avatar is not in a state that allows this",
+    ErrorCode.TOO_MANY_SESSIONS: "the server is at its session limit",
+    ErrorCode.WORKER_UNAVAILABLE: "the inference worker is not running",
+    ErrorCode.TTS_FAILED: "speech synthesis failed (a WebSocket error event)",
+    ErrorCode.UNAUTHORIZED: "the server has a token and none was sent",
+    ErrorCode.FORBIDDEN: "a wrong token, a missing or wrong session secret, or a refused browser Origin",
+    ErrorCode.TOO_MANY_REQUESTS: "a per-session or per-client bound was reached",
+    ErrorCode.INSUFFICIENT_STORAGE: "the disk is too full to write the file",
+    ErrorCode.INTERNAL: "a bug: the server log has the details",
+}
+
+STATUS_TEXT = {
+    400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found", 405: "Method not allowed",
+    409: "Conflict", 413: "Payload too large", 429: "Too many requests", 500: "Internal error", 502: "Bad gateway",
+    503: "Service unavailable", 507: "Insufficient storage",
+}
+
+DESCRIPTION = """\
+Real-time lip-sync avatar server. JSON in, JSON out.
+
+**Envelope.** Success: `{"code": 0, "msg": "ok", "data": ...}` (a few routes add fields
+beside `data`, as the seed's clients expect). Failure: a 4xx/5xx status with
+`{"code": <non-zero>, "msg": "<what was wrong and how to fix it>"}`; the code decides the
+status (each error response below lists its codes). Bad input is always a 4xx.
+
+**Sessions.** `POST /offer` opens one and returns its `sessionid` and `secret`.
+`sessionid` `0`, `"0"`, absent or null addresses the *default session* (the only open one;
+with several, the oldest) unless the server runs with `--no-default-session`.
+
+**Access.** With `--token`, every route but `/`, the pages, `/digital_human/check`,
+`/health` and this document needs the token (`Authorization: Bearer TOKEN` or `?token=`).
+Addressing a session by id needs its secret too (the `secret` field, `X-Session-Secret`
+or `?secret=`) unless the caller holds the token. A browser request from another Origin is
+refused (403) unless `--cors-origins` allows it.
+
+**Strings** never hold NUL characters or unpaired surrogates (400 naming the field).
+"""
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: Schema, example: Any = None) -> Schema:
+    media: Schema = {"schema": schema}
+    if example is not None:
+        media["example"] = example
+    return {"application/json": media}
+
+
+def _ok(description: str, data: Schema | None = None, example: Any = None, **extra: Schema) -> Schema:
+    """A 200 with the envelope: ``data`` and any fields beside it."""
+    properties: Schema = {"code": {"const": 0}, "msg": {"const": "ok"}, **extra}
+    if data is not None:
+        properties["data"] = data
+    schema = {"type": "object", "required": ["code", "msg", *(["data"] if data is not None else []), *extra],
+              "properties": properties}
+    return {"description": description, "content": _json(schema, example)}
+
+
+def _codes(status: int) -> list[ErrorCode]:
+    return [code for code in ErrorCode if HTTP_STATUS[code] == status]
+
+
+def _errors(*statuses: int) -> dict[str, Schema]:
+    """Error responses, each with the codes of its status."""
+    out: dict[str, Schema] = {}
+    for status in (*statuses, 500):
+        listed = "; ".join(f"{int(c)} {CODE_MEANING[c]}" for c in _codes(status))
+        out[str(status)] = {"description": f"{STATUS_TEXT[status]}: {listed}", "content": _json(_ref(f"Error{status}"))}
+    return out
+
+
+ACCESS = (401, 403)  # every route behind the token; 403 is also a refused browser Origin
+
+
+def _query(name: str) -> Schema:
+    return {"$ref": f"#/components/parameters/{name}"}
+
+
+def _operation(summary: str, description: str, responses: dict[str, Schema], *, security: list[Schema],
+               parameters: list[Schema] | None = None, body: Schema | None = None, tag: str = "sessions",
+               operation_id: str) -> Schema:
+    op: Schema = {"operationId": operation_id, "summary": summary, "description": description, "tags": [tag],
+                  "security": security, "responses": responses}
+    if parameters:
+        op["parameters"] = parameters
+    if body is not None:
+        op["requestBody"] = body
+    return op
+
+
+OPEN: list[Schema] = []  # no credentials, whatever the server's settings
+TOKEN: list[Schema] = [{}, {"bearerAuth": []}]  # the token when the server has one
+SESSION: list[Schema] = [{}, {"bearerAuth": []}, {"sessionSecret": []}, {"bearerAuth": [], "sessionSecret": []}]
+
+
+def _json_body(schema_name: str, example: Any) -> Schema:
+    return {"required": True, "content": _json(_ref(schema_name), example)}
+
+
+def _schemas(config: ServerConfig) -> dict[str, Schema]:
+    flag: Schema = {"anyOf": [{"type": "boolean"}, {"enum": [0, 1]}, {"enum": ["true", "false", "1", "0"]}],
+                    "description": "true or false; 1/0 and the strings \"true\"/\"false\"/\"1\"/\"0\" (any case) too"}
+    ident: Schema = {"anyOf": [{"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                               {"type": "integer", "minimum": 0, "maximum": 10**18}],
+                     "description": "1-64 letters, digits, '_', '-' or '.' (a number is taken as its digits)"}
+    session_fields: Schema = {"sessionid": _ref("SessionId"), "secret": _ref("Secret")}
+    error_props: Schema = {"msg": {"type": "string", "minLength": 1, "description": "what was wrong and how to fix it"}}
+    schemas: dict[str, Schema] = {
+        "SessionId": {
+            "anyOf": [{"type": "string", "maxLength": 128}, {"type": "integer", "minimum": -(10**18), "maximum": 10**18},
+                      {"type": "null"}],
+            "description": "An id from POST /offer. 0, \"0\", absent or null: the default session.",
+        },
+        "Secret": {"type": ["string", "null"], "maxLength": MAX_SECRET_CHARS,
+                   "description": "The session's secret from POST /offer (or send X-Session-Secret, or ?secret=)."},
+        "Flag": flag,
+        "Id": ident,
+        "AvatarName": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+        "DataPath": {"type": "string", "minLength": 1, "maxLength": 10_000,
+                     "description": "A file inside the data directory: relative to it, or to the server's working directory "
+                                    "(data/audio/x.wav with the default --data-dir data); 400 (1105) when it lands outside."},
+        "Error": {"type": "object", "required": ["code", "msg"], "additionalProperties": False,
+                  "properties": {"code": {"type": "integer", "enum": [int(c) for c in ErrorCode]}, **error_props},
+                  "description": "Every failure. " + "; ".join(f"{int(c)} {CODE_MEANING[c]}" for c in ErrorCode)},
+        "Offer": {
+            "type": "object", "required": ["sdp", "type"],
+            "properties": {
+                "sdp": {"type": "string", "maxLength": 100_000, "description": "the browser's SDP offer"},
+                "type": {"const": "offer"},
+                "avatar": {"anyOf": [_ref("AvatarName"), {"type": "null"}],
+                           "description": "a prepared avatar; the server's --avatar when absent"},
+            },
+        },
+        "Human": {
+            "type": "object", "required": ["text"],
+            "properties": {
+                **session_fields,
+                "text": {"type": "string", "minLength": 1, "maxLength": config.max_text_chars, "pattern": "\\S",
+                         "description": "what to say: long text is split into sentences, speech starts with the first"},
+                "type": {"anyOf": [{"enum": ["echo"]}, {"type": "null"}], "default": "echo",
+                         "description": "echo: speak the text as given ('chat' needs a chat backend: 400)"},
+                "interrupt": {**_ref("Flag"), "description": "cut off what the session is saying first"},
+            },
+        },
+        "HumanAudio": {
+            "type": "object", "required": ["file"],
+            "properties": {
+                "sessionid": {"type": "string", "maxLength": 128, "description": "as in SessionId; 0 or absent: the default session"},
+                "secret": _ref("Secret"),
+                "interrupt": {"enum": ["true", "false", "1", "0"]},
+                "file": {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream",
+                         "description": f"wav, mp3, ogg, m4a...: at most {config.max_upload_bytes} bytes, "
+                                        f"{config.max_audio_seconds:.0f} s"},
+            },
+        },
+        "SessionOnly": {"type": "object", "properties": session_fields},
+        "SetAudiotype": {
+            "type": "object", "required": ["audiotype"],
+            "properties": {
+                **session_fields,
+                "audiotype": {"anyOf": [{"type": "integer", "minimum": -(10**9), "maximum": 10**9},
+                                        {"type": "string", "minLength": 1, "maxLength": 128}],
+                              "description": "0: the idle loop; 1..n or a clip's name: the avatar's action clips"},
+                "reinit": {**_ref("Flag"), "description": "restart the idle loop"},
+            },
+        },
+        "Record": {
+            "type": "object", "required": ["type"],
+            "properties": {**session_fields, "type": {"enum": ["start_record", "end_record"]}},
+        },
+        "Preprocess": {
+            "type": "object", "required": ["user_id", "request_id", "streamer_id", "video_path"],
+            "properties": {
+                "user_id": _ref("Id"), "request_id": _ref("Id"), "streamer_id": _ref("AvatarName"),
+                "video_path": _ref("DataPath"),
+                "overwrite": {**_ref("Flag"), "description": "replace an avatar of that name (409 otherwise)"},
+            },
+        },
+        "Gen": {
+            "type": "object", "required": ["user_id", "request_id", "streamer_id", "tts_path"],
+            "properties": {
+                "user_id": _ref("Id"), "request_id": _ref("Id"), "streamer_id": _ref("AvatarName"),
+                "tts_path": _ref("DataPath"), "chunk_id": {"anyOf": [_ref("Id"), {"type": "null"}]},
+            },
+        },
+        "Health": {
+            "type": "object", "required": ["code", "msg", "data"],
+            "properties": {
+                "code": {"enum": [0, int(ErrorCode.WORKER_UNAVAILABLE)]}, "msg": {"type": "string"},
+                "data": {"type": "object", "required": ["ok", "worker", "sessions", "speaking"],
+                         "properties": {"ok": {"type": "boolean"}, "worker": {"type": "object"},
+                                        "sessions": {"type": "integer"}, "speaking": {"type": "integer"}}},
+            },
+        },
+        "WsMessage": {
+            "description": "A /humanecho message from the client: plain text to speak, or this object as JSON text.",
+            "anyOf": [{"type": "string"},
+                      {"type": "object", "required": ["text"],
+                       "properties": {"text": {"type": "string", "minLength": 1, "maxLength": config.max_text_chars},
+                                      "interrupt": _ref("Flag")}}],
+        },
+        "WsEvent": {
+            "description": "A /humanecho event from the server (one JSON text message each). A message that is not "
+                           "valid (bad JSON, nested too deeply, a number out of range, empty text, a full queue) gets an "
+                           "`error` event and the socket stays open; when the socket cannot bind to a session it gets one "
+                           "`error` event, then the close.",
+            "type": "object", "required": ["event"],
+            "properties": {
+                "event": {"enum": ["queued", "speaking_started", "speaking_ended", "error", "closed"]},
+                "sessionid": {"type": "string"}, "t": {"type": "number", "description": "unix seconds"},
+                "utterance": {"type": "string"}, "text": {"type": ["string", "null"]}, "source": {"enum": ["text", "audio"]},
+                "latency_ms": {"type": "number"}, "interrupted": {"type": "boolean"}, "empty": {"type": "boolean"},
+                "error": {"type": "boolean"}, "code": {"type": "integer"}, "msg": {"type": "string"},
+            },
+        },
+    }
+    for status in sorted(set(HTTP_STATUS.values())):
+        schemas[f"Error{status}"] = {
+            "type": "object", "required": ["code", "msg"], "additionalProperties": False,
+            "properties": {"code": {"type": "integer", "enum": [int(c) for c in _codes(status)]}, **error_props},
+        }
+    return schemas
+
+
+def build_spec(config: ServerConfig) -> dict[str, Any]:
+    """The OpenAPI document of a server running with ``config``."""
+    sid_example = "3f2a9c0d5e6b7a81"
+    utterance = {"utterance": f"{sid_example}-1"}
+    mp4 = {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}
+    paths: dict[str, Any] = {
+        "/": {"get": _operation(
+            "The page", "Redirects to the browser client /webrtcapi.html.",
+            {"302": {"description": "to /webrtcapi.html", "headers": {"Location": {"schema": {"type": "string"}}}},
+             **_errors(403)},
+            security=OPEN, tag="pages", operation_id="index")},
+        "/offer": {"post": _operation(
+            "Open a session", "A WebRTC offer in, the answer and the new session's id and secret out.",
+            {"200": _ok("the answer", {"type": "object", "required": ["sessionid", "secret"],
+                                       "properties": {"sessionid": {"type": "string"}, "secret": {"type": "string"}}},
+                        sdp={"type": "string"}, type={"const": "answer"}, sessionid={"type": "string"}, secret={"type": "string"}),
+             **_errors(400, *ACCESS, 404, 413, 429, 503)},
+            security=TOKEN, parameters=[_query("token")],
+            body=_json_body("Offer", {"sdp": "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\n...", "type": "offer"}),
+            operation_id="offer")},
+        "/humanecho": {"get": _operation(
+            "Speak over a WebSocket",
+            "A WebSocket (`Upgrade: websocket`) bound to a session: each text message (`WsMessage`) is spoken, and the "
+            "session's events (`WsEvent`) stream back. No sessionid: the default session. A plain HTTP GET gets the "
+            "JSON error.",
+            {"101": {"description": "the WebSocket; messages: WsMessage in, WsEvent out"},
+             **_errors(400, *ACCESS, 404)},
+            security=SESSION, parameters=[_query("sessionid"), _query("secret"), _query("token")],
+            operation_id="humanecho") | {"x-websocket": {"client": _ref("WsMessage"), "server": _ref("WsEvent")}}},
+        "/human": {"post": _operation(
+            "Say text", "Queue text for the session to speak; `interrupt` cuts off what it is saying first.",
+            {"200": _ok("queued", {"type": "object", "required": ["utterance"], "properties": {"utterance": {"type": "string"}}},
+                        {"code": 0, "msg": "ok", "data": utterance}),
+             **_errors(400, *ACCESS, 404, 413, 429)},
+            security=SESSION, parameters=[_query("secret"), _query("token")],
+            body=_json_body("Human", {"sessionid": sid_example, "text": "Hello! How can I help you today?", "type": "echo"}),
+            operation_id="human")},
+        "/humanaudio": {"post": _operation(
+            "Say an audio file", "Upload audio for the session to speak.",
+            {"200": _ok("queued", {"type": "object", "required": ["utterance", "seconds"],
+                                   "properties": {"utterance": {"type": "string"}, "seconds": {"type": "number"}}}),
+             **_errors(400, *ACCESS, 404, 413, 429)},
+            security=SESSION, parameters=[_query("secret"), _query("token")],
+            body={"required": True, "content": {"multipart/form-data": {
+                "schema": _ref("HumanAudio"), "encoding": {"file": {"contentType": "application/octet-stream"}}}}},
+            operation_id="humanaudio")},
+        "/interrupt_talk": {"post": _operation(
+            "Stop speaking", "Cut off what the session is saying and everything queued.",
+            {"200": _ok("what was cut", {"type": "object", "required": ["interrupted", "frame"],
+                                         "properties": {"interrupted": {"type": "array", "items": {"type": "string"}},
+                                                        "frame": {"type": "integer"}}}),
+             **_errors(400, *ACCESS, 404, 413)},
+            security=SESSION, parameters=[_query("secret"), _query("token")],
+            body=_json_body("SessionOnly", {"sessionid": sid_example}), operation_id="interrupt_talk")},
+        "/is_speaking": {"post": _operation(
+            "Is it speaking?", "`data` is true from the moment speech is queued until its last frame is shown.",
+            {"200": _ok("the answer", {"type": "boolean"}, {"code": 0, "msg": "ok", "data": False}),
+             **_errors(400, *ACCESS, 404, 413)},
+            security=SESSION, parameters=[_query("secret"), _query("token")],
+            body=_json_body("SessionOnly", {"sessionid": sid_example}), operation_id="is_speaking")},
+        "/set_audiotype": {"post": _operation(
+            "Choose the idle clip", "0: the idle loop; 1..n or a clip's name: an action clip. A name that is no clip of "
+            "the avatar switches nothing and says why in `data.reason`.",
+            {"200": _ok("what was done", {"type": "object", "required": ["audiotype", "switched", "reinit"],
+                                          "properties": {"audiotype": {"type": ["integer", "string"]},
+                                                         "switched": {"type": "boolean"}, "reinit": {"type": "boolean"},
+                                                         "reason": {"type": "string"}}}),
+             **_errors(400, *ACCESS, 404, 413)},
+            security=SESSION, parameters=[_query("secret"), _query("token")],
+            body=_json_body("SetAudiotype", {"sessionid": sid_example, "audiotype": 0, "reinit": True}),
+            operation_id="set_audiotype")},
+        "/record": {"post": _operation(
+            "Record the session", "start_record, then end_record: `data.url` downloads the mp4 (H.264 + AAC).",
+            {"200": {"description": "started (no data) or ended", "content": _json({
+                "type": "object", "required": ["code", "msg"],
+                "properties": {"code": {"const": 0}, "msg": {"const": "ok"},
+                               "data": {"type": "object", "required": ["url", "file"],
+                                        "properties": {"url": {"type": "string"}, "file": {"type": "string"}}}}})},
+             **_errors(400, *ACCESS, 404, 409, 413, 507)},
+            security=SESSION, parameters=[_query("secret"), _query("token")],
+            body=_json_body("Record", {"sessionid": sid_example, "type": "start_record"}), operation_id="record")},
+        "/record/{sessionid}": {"get": _operation(
+            "Download a recording", "The session's last finished recording (open or closed session).",
+            {"200": {"description": "the mp4", "content": mp4}, **_errors(*ACCESS, 404)},
+            security=SESSION,
+            parameters=[{"name": "sessionid", "in": "path", "required": True, "schema": {"type": "string"}},
+                        _query("secret"), _query("token")],
+            operation_id="download_record")},
+        "/digital_human/check": {"get": _operation(
+            "Liveness", "Answers while the server runs (the seed's shape, no envelope).",
+            {"200": {"description": "running", "content": _json({
+                "type": "object", "required": ["status"], "properties": {"status": {"const": "Server is running"}}})},
+             **_errors(403)},
+            security=OPEN, tag="digital_human", operation_id="check")},
+        "/digital_human/preprocess": {"post": _operation(
+            "Prepare an avatar from a video", "Prepares avatar `streamer_id` from `video_path` (inside the data directory).",
+            {"200": {"description": "prepared", "content": _json({
+                "type": "object", "required": ["code", "msg", "user_id", "request_id", "data"],
+                "properties": {"code": {"const": 0}, "msg": {"const": "ok"}, "user_id": {"type": "string"},
+                               "request_id": {"type": "string"},
+                               "data": {"type": "object", "properties": {"frames": {"type": "integer"}}}}})},
+             **_errors(400, *ACCESS, 404, 409, 413)},
+            security=TOKEN, parameters=[_query("token")],
+            body=_json_body("Preprocess", {"user_id": "u1", "request_id": "r1", "streamer_id": "anna",
+                                           "video_path": "data/video/anna.mp4"}),
+            tag="digital_human", operation_id="preprocess")},
+        "/digital_human/gen": {"post": _operation(
+            "Render speech to an mp4", "Renders `tts_path` (inside the data directory) with avatar `streamer_id` in the "
+            "inference worker; the file is at `digital_human_mp4_path` on the server and at `data.url`.",
+            {"200": {"description": "rendered", "content": _json({
+                "type": "object", "required": ["code", "msg", "user_id", "request_id", "digital_human_mp4_path", "data"],
+                "properties": {"code": {"const": 0}, "msg": {"const": "ok"}, "user_id": {"type": "string"},
+                               "request_id": {"type": "string"}, "digital_human_mp4_path": {"type": "string"},
+                               "data": {"type": "object", "required": ["url"],
+                                        "properties": {"frames": {"type": "integer"}, "duration": {"type": "number"},
+                                                       "url": {"type": "string"}}}}})},
+             **_errors(400, *ACCESS, 404, 413, 503, 507)},
+            security=TOKEN, parameters=[_query("token")],
+            body=_json_body("Gen", {"user_id": "u1", "request_id": "r1", "streamer_id": "default",
+                                    "tts_path": "data/audio/yongen.wav", "chunk_id": 0}),
+            tag="digital_human", operation_id="gen")},
+        "/digital_human/outputs/{user_id}/{name}": {"get": _operation(
+            "Download a rendered mp4", "A file /digital_human/gen wrote (REQUEST_CHUNK.mp4).",
+            {"200": {"description": "the mp4", "content": mp4}, **_errors(*ACCESS, 404)},
+            security=TOKEN,
+            parameters=[{"name": "user_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}, _query("token")],
+            tag="digital_human", operation_id="download_output")},
+        "/health": {"get": _operation(
+            "Health", "200 while the inference worker runs, 503 while it is down.",
+            {"200": {"description": "serving", "content": _json(_ref("Health"))},
+             "503": {"description": "the worker is down (code 1302)", "content": _json(_ref("Health"))},
+             **_errors(403)},
+            security=OPEN, tag="server", operation_id="health")},
+        "/metrics": {"get": _operation(
+            "Metrics", "Prometheus text exposition (no session ids).",
+            {"200": {"description": "the metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+             **_errors(*ACCESS)},
+            security=TOKEN, parameters=[_query("token")], tag="server", operation_id="metrics")},
+        "/stats": {"get": _operation(
+            "Figures", "Sessions, worker pid and restarts, frames rendered; session ids only for the token holder.",
+            {"200": _ok("the figures", {"type": "object", "required": ["sessions", "max_sessions", "worker_restarts"],
+                                        "properties": {"sessions": {"type": "integer"}, "max_sessions": {"type": "integer"},
+                                                       "worker_restarts": {"type": "integer"}}}),
+             **_errors(*ACCESS)},
+            security=TOKEN, parameters=[_query("token")], tag="server", operation_id="stats")},
+        OPENAPI_PATH: {"get": _operation(
+            "This document", "The OpenAPI description of this server.",
+            {"200": {"description": "the document", "content": _json({"type": "object", "required": ["openapi", "paths"]})},
+             **_errors(403)},
+            security=OPEN, tag="server", operation_id="openapi")},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Real-Time Lip Sync", "version": VERSION, "description": DESCRIPTION},
+        "servers": [{"url": "/"}],
+        "tags": [{"name": "sessions"}, {"name": "digital_human"}, {"name": "server"}, {"name": "pages"}],
+        "paths": paths,
+        "components": {
+            "schemas": _schemas(config),
+            "parameters": {
+                "sessionid": {"name": "sessionid", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 128},
+                              "description": "the session; absent or 0: the default session"},
+                "secret": {"name": "secret", "in": "query", "required": False, "schema": {"type": "string"},
+                           "description": "the session's secret (or X-Session-Secret, or the body's secret)"},
+                "token": {"name": "token", "in": "query", "required": False, "schema": {"type": "string"},
+                          "description": "the server's token (or Authorization: Bearer)"},
+            },
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer",
+                               "description": "the server's --token; needed only when it has one"},
+                "sessionSecret": {"type": "apiKey", "in": "header", "name": "X-Session-Secret",
+                                  "description": "the secret POST /offer returned with the session"},
+            },
+        },
+    }
+
+
+@routes.get(OPENAPI_PATH)
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(build_spec(request.app[CONFIG]))
