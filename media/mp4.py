@@ -82,6 +82,17 @@ class Mp4Writer:
         self.samples = 0
         self._closed = False
 
+    def start(self) -> None:
+        """Open the file and write the container's header now (PyAV otherwise does it at the
+        first packet), so a full disk or an unwritable path fails here. On failure only the
+        container is closed: encoding after a failed start crashes PyAV."""
+        try:
+            self._container.start_encoding()
+        except BaseException:
+            self._closed = True
+            self._container.close()
+            raise
+
     def write(self, image: npt.NDArray[np.uint8], audio: Pcm) -> None:
         """One media frame: its picture and the audio it carries."""
         self.write_frame(image)

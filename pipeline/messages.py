@@ -174,4 +174,17 @@ class WorkerStats:
     max_batch: int
 
 
-FromWorker: TypeAlias = WorkerReady | SessionOpened | FrameReady | WorkerError | JobDone | WorkerStats
+@dataclass(frozen=True)
+class Heartbeat:
+    """The worker process is alive: sent from a thread of its own about twice a second,
+    from before the engine loads until the process ends, whatever its loop is doing.
+    ``busy_s`` is how long the loop has been in its current pass (or, before the loop
+    exists, how long the worker has been starting): large while one render or job step
+    runs long, which is slow work, not a hang. The client consumes these itself; its
+    handler never sees them."""
+
+    pid: int
+    busy_s: float
+
+
+FromWorker: TypeAlias = WorkerReady | SessionOpened | FrameReady | WorkerError | JobDone | WorkerStats | Heartbeat

@@ -6,15 +6,23 @@ speaking sessions (the session with the fewest frames buffered first), writing e
 frame straight into a free slot of its session's ring. A session whose ring is full is
 skipped until the server frees a slot: that is the backpressure, and a silent session
 is never rendered at all.
+
+A thread of its own sends a ``Heartbeat`` every ``HEARTBEAT_EVERY_S``, so the server can
+tell a stopped or wedged process (no heartbeats) from a long render (heartbeats, with a
+growing ``busy_s``). The thread needs the GIL only for a moment each time: the engines'
+numpy, OpenCV and torch calls release it, and pure-Python work yields it every few
+milliseconds, so only one C call that held the GIL longer than the server's
+``heartbeat_s`` (5 s by default) would read as a hang.
 """
 from __future__ import annotations
 
 import logging
 import os
 import queue
+import threading
 import time
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
 from pathlib import Path
@@ -32,6 +40,7 @@ from pipeline.messages import (
     FrameReady,
     FromWorker,
     GenerateVideo,
+    Heartbeat,
     Interrupt,
     JobDone,
     OpenSession,
@@ -49,6 +58,7 @@ log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05  # nothing to render: block on the inbox this long
 FULL_WAIT_S = 0.004  # work waiting but rings full: poll for freed slots this often
 STATS_EVERY_S = 1.0
+HEARTBEAT_EVERY_S = 0.5  # the server replaces a worker silent for its heartbeat_s (5 s by default)
 
 F = TypeVar("F")
 
@@ -126,6 +136,7 @@ class WorkerLoop(Generic[F]):
         self.render_seconds = 0.0
         self.biggest_batch = 0
         self._last_stats = time.monotonic()
+        self.pass_started = time.monotonic()  # when the current pass of run() began (read by the heartbeat)
         self.jobs: deque[tuple[str, Job]] = deque()  # (job id, steps), oldest first
 
     # ---- messages ----
@@ -323,6 +334,7 @@ class WorkerLoop(Generic[F]):
         parent = os.getppid()
         running = True
         while running:
+            self.pass_started = time.monotonic()
             if os.getppid() != parent:
                 # The server was killed without telling us: nobody will read our frames,
                 # and exiting lets the server's resource tracker free its segments.
@@ -357,19 +369,44 @@ class WorkerLoop(Generic[F]):
                 self.maybe_stats()
 
 
+def start_heartbeat(outbox: Outbox, busy_since: Callable[[], float], every_s: float = HEARTBEAT_EVERY_S) -> threading.Event:
+    """Send ``Heartbeat`` every ``every_s`` from a daemon thread until the returned event is
+    set. ``busy_since()`` is when the work in progress began (``time.monotonic()``)."""
+    stop = threading.Event()
+    pid = os.getpid()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            try:
+                outbox.put(Heartbeat(pid, max(0.0, time.monotonic() - busy_since())))
+            except (OSError, ValueError):  # the queue is closed: the process is ending
+                return
+
+    threading.Thread(target=beat, name="worker-heartbeat", daemon=True).start()
+    return stop
+
+
 def run_worker(config: WorkerConfig, inbox: Queue[ToWorker], outbox: Queue[FromWorker]) -> None:
     """Entry point of the worker process (started with spawn)."""
     logging.basicConfig(level=config.log_level, format="%(asctime)s worker[%(process)d] %(levelname)s %(name)s: %(message)s")
-    engine: LipSyncEngine[Any]
+    started = time.monotonic()
+    loop: WorkerLoop[Any] | None = None
+    # Beats from before the engine loads: the server only holds the worker to them once it
+    # is ready (until then its start timeout applies), but they tell it the process lives.
+    stop_heartbeat = start_heartbeat(outbox, lambda: loop.pass_started if loop is not None else started)
     try:
-        engine = create_engine(config.engine, Path(config.data_dir), **config.engine_options)
-    except (EngineUnavailable, ValueError) as exc:
-        log.error("engine %s unavailable: %s", config.engine, exc)
-        outbox.put(WorkerError("", f"engine {config.engine!r} unavailable: {exc}"))
-        return
-    loop = WorkerLoop(engine, Path(config.data_dir), outbox, config.max_batch)
-    outbox.put(WorkerReady(engine.name, os.getpid(), loop.max_batch))
-    try:
-        loop.run(inbox)
+        engine: LipSyncEngine[Any]
+        try:
+            engine = create_engine(config.engine, Path(config.data_dir), **config.engine_options)
+        except (EngineUnavailable, ValueError) as exc:
+            log.error("engine %s unavailable: %s", config.engine, exc)
+            outbox.put(WorkerError("", f"engine {config.engine!r} unavailable: {exc}"))
+            return
+        loop = WorkerLoop(engine, Path(config.data_dir), outbox, config.max_batch)
+        outbox.put(WorkerReady(engine.name, os.getpid(), loop.max_batch))
+        try:
+            loop.run(inbox)
+        finally:
+            loop.close()
     finally:
-        loop.close()
+        stop_heartbeat.set()

@@ -51,7 +51,9 @@ def process_worker(config: ServerConfig) -> WorkerFactory:
             engine_options=config.engine_options,
             log_level=logging.getLogger().level,
         )
-        return WorkerClient(worker_config, handler, start_timeout=config.worker_start_timeout_s)
+        return WorkerClient(
+            worker_config, handler, start_timeout=config.worker_start_timeout_s, heartbeat_s=config.worker_heartbeat_s or None
+        )
 
     return build
 
