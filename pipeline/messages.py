@@ -79,6 +79,15 @@ class GenerateVideo:
 
 
 @dataclass(frozen=True)
+class CancelJob:
+    """Stop an offline job (asked for, or past its time): its partial file is removed and a
+    ``JobDone`` with the error answers it."""
+
+    job_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class ForgetAvatar:
     """The avatar was prepared again: load it afresh for new sessions and jobs."""
 
@@ -90,7 +99,9 @@ class Shutdown:
     pass
 
 
-ToWorker: TypeAlias = OpenSession | CloseSession | AudioChunk | Interrupt | GenerateVideo | ForgetAvatar | Shutdown
+ToWorker: TypeAlias = (
+    OpenSession | CloseSession | AudioChunk | Interrupt | GenerateVideo | CancelJob | ForgetAvatar | Shutdown
+)
 
 
 # ---- worker -> server -------------------------------------------------------------

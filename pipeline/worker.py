@@ -35,6 +35,7 @@ from pipeline.engines import EngineUnavailable, FeatureStream, LipSyncEngine, Re
 from pipeline.frame_ring import FrameRing
 from pipeline.messages import (
     AudioChunk,
+    CancelJob,
     CloseSession,
     ForgetAvatar,
     FrameReady,
@@ -153,6 +154,8 @@ class WorkerLoop(Generic[F]):
                 self._on_close(msg)
             case GenerateVideo():
                 self._on_job(msg)
+            case CancelJob():
+                self._on_cancel(msg)
             case ForgetAvatar():
                 self.avatars.pop(msg.avatar, None)
             case Shutdown():
@@ -193,6 +196,12 @@ class WorkerLoop(Generic[F]):
             self.outbox.put(JobDone(msg.job_id, None, error=str(exc)))
             return
         self.jobs.append((msg.job_id, steps))
+
+    def _on_cancel(self, msg: CancelJob) -> None:
+        for entry in [e for e in self.jobs if e[0] == msg.job_id]:
+            self.jobs.remove(entry)
+            entry[1].close()  # the generator's cleanup removes the partial file
+            self.outbox.put(JobDone(msg.job_id, None, error=msg.reason))
 
     def step_job(self) -> bool:
         """Advance the oldest offline job by one batch; False when there is none."""

@@ -102,7 +102,7 @@ async def gen(request: web.Request) -> web.Response:
     root = Path(config.data_dir).resolve()
     out = root / "outputs" / user_id / f"{request_id}_{chunk_id}.mp4"
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = await manager.generate_video(streamer, audio, out)
+    result = await manager.generate_video(streamer, audio, out, key=f"{user_id}/{request_id}/{chunk_id}")
     # The seed's clients open the file where the server wrote it (an absolute path on the
     # server's machine); anyone else downloads it from the url.
     return web.json_response(
@@ -124,3 +124,15 @@ async def download_output(request: web.Request) -> web.FileResponse:
     if not path.is_file():
         raise NotFound(f"no such output: {user_id}/{name} (outputs are named REQUEST_CHUNK.mp4)")
     return web.FileResponse(path, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+@routes.delete("/digital_human/gen")
+async def cancel_gen(request: web.Request) -> web.Response:
+    """Cancel ``user_id``'s running /gen jobs for ``request_id`` (one ``chunk_id``, or all)."""
+    body = await read_json(request)
+    user_id, request_id = _id(body, "user_id"), _id(body, "request_id")
+    chunk = f"/{_id(body, 'chunk_id')}" if body.get("chunk_id") is not None else "/"
+    cancelled = request.app[MANAGER].cancel_jobs(f"{user_id}/{request_id}{chunk}")
+    if not cancelled:
+        raise NotFound(f"no running job for user {user_id!r}, request {request_id!r}")
+    return web.json_response({"code": 0, "msg": "ok", "user_id": user_id, "request_id": request_id, "data": {"cancelled": cancelled}})

@@ -25,6 +25,7 @@ from media.pcm import Pcm
 from pipeline.client import WorkerHandler, WorkerLink
 from pipeline.frame_ring import FrameRing
 from pipeline.messages import (
+    CancelJob,
     CloseSession,
     ForgetAvatar,
     FrameReady,
@@ -41,6 +42,7 @@ from server.access import SECRET_HEADER, Forbidden, same
 from server.config import ServerConfig
 from server.errors import (
     BadRequest,
+    Conflict,
     ErrorCode,
     LipSyncError,
     NotFound,
@@ -62,6 +64,7 @@ log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT_S = 120.0
 DEFAULT_SESSION_ID = "0"  # what the seed's clients send for "the session"
+CANCELLED = "cancelled"
 
 WorkerFactory = Callable[[WorkerHandler], WorkerLink]
 
@@ -82,6 +85,7 @@ class SessionManager:
         self._avatars: dict[str, Avatar] = {}
         self._idle_yuv: dict[str, IdleCache] = {}
         self._jobs: dict[str, asyncio.Future[JobDone]] = {}
+        self._job_keys: dict[str, str] = {}  # job id -> "user/request/chunk", for cancelling
         self._counters = _Counters()
         self._tasks: set[asyncio.Task[None]] = set()
         # Decoding an upload takes a core: a few at a time, on threads of their own, so
@@ -289,22 +293,39 @@ class SessionManager:
         return path
 
     # ---- offline jobs ----
-    async def generate_video(self, avatar: str, audio_path: Path, out_path: Path) -> VideoResult:
+    async def generate_video(self, avatar: str, audio_path: Path, out_path: Path, key: str = "") -> VideoResult:
         """An offline mp4 rendered by the worker, with the engine and weights it already
-        holds, in the gaps between live sessions' batches."""
+        holds, in the gaps between live sessions' batches. ``key`` names the job for
+        ``cancel_jobs``; a job still running after ``job_timeout_s`` is cancelled."""
         if not self.worker.alive:
             raise WorkerUnavailable("the inference worker is not running; try again in a moment")
         job_id = secrets.token_hex(8)
         future: asyncio.Future[JobDone] = asyncio.get_running_loop().create_future()
         self._jobs[job_id] = future
+        self._job_keys[job_id] = key
         self.worker.send(GenerateVideo(job_id, avatar, str(audio_path), str(out_path)))
         try:
-            done = await future
+            done = await asyncio.wait_for(asyncio.shield(future), self.config.job_timeout_s)
+        except asyncio.TimeoutError:
+            self.worker.send(CancelJob(job_id, "past its time"))
+            raise WorkerUnavailable(
+                f"the job ran longer than {self.config.job_timeout_s:.0f} s and was cancelled: send shorter audio"
+            ) from None
         finally:
             self._jobs.pop(job_id, None)
+            self._job_keys.pop(job_id, None)
         if done.result is None:
+            if done.error.startswith(CANCELLED):
+                raise Conflict(f"the job was cancelled: {done.error}")
             raise LipSyncError(f"could not render {audio_path.name}: {done.error}", ErrorCode.UNSUPPORTED_AUDIO)
         return done.result
+
+    def cancel_jobs(self, key_prefix: str) -> int:
+        """Cancel the running jobs whose key starts with ``key_prefix``; how many."""
+        hits = [job_id for job_id, key in self._job_keys.items() if key.startswith(key_prefix)]
+        for job_id in hits:
+            self.worker.send(CancelJob(job_id, f"{CANCELLED} (DELETE /digital_human/gen)"))
+        return len(hits)
 
     # ---- figures ----
     def stats(self, with_ids: bool = False) -> dict[str, Any]:

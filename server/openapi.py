@@ -229,6 +229,12 @@ def _schemas(config: ServerConfig) -> dict[str, Schema]:
                 "tts_path": _ref("DataPath"), "chunk_id": {"anyOf": [_ref("Id"), {"type": "null"}]},
             },
         },
+        "CancelGen": {
+            "type": "object", "required": ["user_id", "request_id"],
+            "properties": {
+                "user_id": _ref("Id"), "request_id": _ref("Id"), "chunk_id": {"anyOf": [_ref("Id"), {"type": "null"}]},
+            },
+        },
         "Health": {
             "type": "object", "required": ["code", "msg", "data"],
             "properties": {
@@ -388,7 +394,19 @@ def build_spec(config: ServerConfig) -> dict[str, Any]:
             security=TOKEN, parameters=[_query("token")],
             body=_json_body("Gen", {"user_id": "u1", "request_id": "r1", "streamer_id": "default",
                                     "tts_path": "data/audio/yongen.wav", "chunk_id": 0}),
-            tag="digital_human", operation_id="gen")},
+            tag="digital_human", operation_id="gen"),
+            "delete": _operation(
+            "Cancel rendering", "Cancels `user_id`'s running /gen jobs for `request_id` (one `chunk_id`, or all); "
+            "the waiting /gen answers 409 and its partial file is removed.",
+            {"200": {"description": "cancelled", "content": _json({
+                "type": "object", "required": ["code", "msg", "user_id", "request_id", "data"],
+                "properties": {"code": {"const": 0}, "msg": {"const": "ok"}, "user_id": {"type": "string"},
+                               "request_id": {"type": "string"},
+                               "data": {"type": "object", "properties": {"cancelled": {"type": "integer"}}}}})},
+             **_errors(400, *ACCESS, 404, 413)},
+            security=TOKEN, parameters=[_query("token")],
+            body=_json_body("CancelGen", {"user_id": "u1", "request_id": "r1"}),
+            tag="digital_human", operation_id="cancel_gen")},
         "/digital_human/outputs/{user_id}/{name}": {"get": _operation(
             "Download a rendered mp4", "A file /digital_human/gen wrote (REQUEST_CHUNK.mp4).",
             {"200": {"description": "the mp4", "content": mp4}, **_errors(*ACCESS, 404)},

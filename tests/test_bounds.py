@@ -16,7 +16,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 
 import server.manager
 from media.timing import SAMPLE_RATE
-from pipeline.messages import AudioChunk
+from pipeline.messages import AudioChunk, CancelJob, GenerateVideo
 from server.errors import ErrorCode, TooManyRequests
 from server.speech import AHEAD_S
 from tests.support.harness import Harness, ToneTTS, running_server
@@ -111,3 +111,27 @@ async def test_gen_refuses_audio_longer_than_its_limit(tmp_path: Path) -> None:
         body = {"user_id": "u", "request_id": "r", "streamer_id": "tiny", "tts_path": "long.wav"}
         status, reply = await h.post("/digital_human/gen", body)
         assert status == 400 and "at most 1 s" in reply["msg"]
+
+
+async def test_a_running_gen_job_can_be_cancelled(tmp_path: Path) -> None:
+    async with running_server(tmp_path, hold_jobs=True) as h:
+        (tmp_path / "a.wav").write_bytes(wav_bytes(np.zeros(SAMPLE_RATE)))
+        body = {"user_id": "u", "request_id": "r7", "streamer_id": "tiny", "tts_path": "a.wav", "chunk_id": 1}
+        gen = asyncio.ensure_future(h.post("/digital_human/gen", body))
+        await h.until(lambda: bool(h.worker.of_type(GenerateVideo)))
+        async with h.client.delete("/digital_human/gen", json={"user_id": "u", "request_id": "r7"}) as resp:
+            reply = await resp.json()
+        assert resp.status == 200 and reply["data"]["cancelled"] == 1
+        status, answered = await gen
+        assert status == 409 and "cancelled" in answered["msg"]
+        async with h.client.delete("/digital_human/gen", json={"user_id": "u", "request_id": "r7"}) as resp:
+            assert resp.status == 404
+
+
+async def test_a_gen_job_past_its_time_is_cancelled(tmp_path: Path) -> None:
+    async with running_server(tmp_path, hold_jobs=True, job_timeout_s=0.3) as h:
+        (tmp_path / "a.wav").write_bytes(wav_bytes(np.zeros(SAMPLE_RATE)))
+        body = {"user_id": "u", "request_id": "r", "streamer_id": "tiny", "tts_path": "a.wav"}
+        status, reply = await h.post("/digital_human/gen", body)
+        assert status == 503 and "cancelled" in reply["msg"]
+        assert h.worker.of_type(CancelJob)

@@ -175,3 +175,21 @@ def test_failed_offline_job_reports_and_leaves_the_worker_running(loop, tmp_path
     assert not done["job2"].ok and "audio" in done["job2"].error
     assert not done["job3"].ok and "not prepared" in done["job3"].error
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_a_cancelled_job_stops_and_leaves_no_partial_file(loop, tmp_path) -> None:
+    from pipeline.messages import CancelJob, GenerateVideo, JobDone
+    from tests.support.media_analysis import wav_bytes
+
+    worker, outbox = loop
+    (tmp_path / "a.wav").write_bytes(wav_bytes(to_float(speech(3.0))))
+    worker.handle(GenerateVideo("job9", "default", str(tmp_path / "a.wav"), str(tmp_path / "out.mp4")))
+    for _ in range(20):  # until the encoder has written something: a partial file exists
+        assert worker.step_job()
+        if list(tmp_path.glob("out.part.mp4")) and (tmp_path / "out.part.mp4").stat().st_size:
+            break
+    assert (tmp_path / "out.part.mp4").stat().st_size > 0
+    worker.handle(CancelJob("job9", "cancelled by the test"))
+    done = [m for m in outbox if isinstance(m, JobDone)]
+    assert len(done) == 1 and done[0].result is None and done[0].error == "cancelled by the test"
+    assert not worker.jobs and not list(tmp_path.glob("out*.mp4"))

@@ -26,6 +26,7 @@ from pipeline.client import WorkerHandler
 from pipeline.frame_ring import FrameRing
 from pipeline.messages import (
     AudioChunk,
+    CancelJob,
     CloseSession,
     ForgetAvatar,
     FrameReady,
@@ -78,9 +79,10 @@ class _Session:
 class FakeWorker:
     """A ``WorkerLink`` for ``SessionManager``; build it with ``FakeWorker.factory()``."""
 
-    def __init__(self, handler: WorkerHandler, *, fail_open: bool = False) -> None:
+    def __init__(self, handler: WorkerHandler, *, fail_open: bool = False, hold_jobs: bool = False) -> None:
         self.handler = handler
         self.fail_open = fail_open
+        self.hold_jobs = hold_jobs  # jobs wait until cancelled (for timeouts and DELETE)
         self.sent: list[ToWorker] = []
         self.frames_sent = 0
         self._alive = False
@@ -195,7 +197,11 @@ class FakeWorker:
                 if session is not None:
                     session.utterances.clear()
             case GenerateVideo():
-                self._reply(self._job(msg))
+                if not self.hold_jobs:
+                    self._reply(self._job(msg))
+            case CancelJob():
+                if self.hold_jobs:
+                    self._reply(JobDone(msg.job_id, None, error=msg.reason))
             case ForgetAvatar() | Shutdown():
                 pass
 
