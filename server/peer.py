@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaBlackhole
@@ -23,6 +24,34 @@ from server.session import Session
 from server.tracks import AvatarAudioTrack, AvatarVideoTrack
 
 log = logging.getLogger(__name__)
+
+WATCH_EVERY_S = 2.0
+# A receiving peer reports on our streams (RTCP receiver reports) about every second; this
+# long without one it is gone (closed tab, dead network). ICE consent would take 30 s.
+PEER_SILENCE_S = 8.0
+
+
+async def close_if_peer_vanishes(session: Session, pc: RTCPeerConnection, on_gone: Callable[[str], None]) -> None:
+    """Free a session whose peer stopped answering without saying goodbye."""
+    last_heard: datetime | None = None
+    while not session.closed:
+        await asyncio.sleep(WATCH_EVERY_S)
+        if pc.connectionState != "connected":
+            continue
+        senders = [t.sender for t in pc.getTransceivers() if t.sender.track is not None]
+        if not senders:
+            return  # nothing we send, nothing reported on: ICE consent is the only sign (30 s)
+        now = datetime.now(timezone.utc)
+        for sender in senders:
+            for stat in (await sender.getStats()).values():
+                if stat.type == "remote-inbound-rtp" and (last_heard is None or stat.timestamp > last_heard):
+                    last_heard = stat.timestamp
+        if last_heard is None:
+            last_heard = now  # connected, no report yet: count from here
+        elif (now - last_heard).total_seconds() > PEER_SILENCE_S:
+            log.info("session %s: no word from the peer for %.0f s; closing", session.id, (now - last_heard).total_seconds())
+            on_gone(session.id)
+            return
 
 
 async def answer_offer(
@@ -57,6 +86,7 @@ async def answer_offer(
             on_gone(session.id)
 
     session.keep(asyncio.ensure_future(close_if_never_connected()))
+    session.keep(asyncio.ensure_future(close_if_peer_vanishes(session, pc, on_gone)))
     await pc.setRemoteDescription(offer)
     if not pc.getTransceivers() and pc.sctp is None:
         raise ValueError("it has no audio, video or data channel section (is it an SDP offer?)")

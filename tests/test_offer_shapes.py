@@ -111,3 +111,52 @@ async def test_a_client_sending_microphone_and_camera_for_a_minute_leaves_server
         grown = rss_mb(server.proc.pid) - before
         assert frames >= 60 * 20, f"only {frames} video frames in 60 s"
         assert grown < 30, f"the server grew by {grown:.1f} MB in 60 s"
+
+
+VANISHING_CLIENT = """
+import asyncio, sys
+from tests.support.client import AvatarClient
+async def main():
+    client = AvatarClient(sys.argv[1], keep_images=False)
+    await client.connect()
+    print("connected", flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+async def test_a_client_that_vanishes_is_freed_within_seconds(server: ServerProcess) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(  # noqa: ASYNC220 - a client of its own, killed below; its start is quick
+        [sys.executable, "-c", VANISHING_CLIENT, server.url], cwd=root, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "connected"
+        before = server.stats()["sessions"]
+        proc.kill()  # no goodbye: a closed laptop lid, a dead network
+        started = time.monotonic()
+        while server.stats()["sessions"] >= before and time.monotonic() - started < 25:
+            await asyncio.sleep(0.5)
+        freed = time.monotonic() - started
+        assert server.stats()["sessions"] == before - 1 and freed < 15, f"freed after {freed:.1f} s"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_a_data_channel_only_session_is_not_taken_for_a_vanished_peer(server: ServerProcess) -> None:
+    async with peer() as pc:
+        channel = pc.createDataChannel("chat")
+        status, body = await offer(server, pc)
+        assert status == 200
+        opened = asyncio.Event()
+        channel.on("open", opened.set)
+        await asyncio.wait_for(opened.wait(), 10)
+        await asyncio.sleep(12)  # longer than the silence a media peer is allowed
+        async with aiohttp.ClientSession() as http, http.post(
+            server.url + "/is_speaking", json={"sessionid": body["sessionid"], "secret": body["secret"]}
+        ) as resp:
+            assert resp.status == 200  # still open

@@ -261,3 +261,19 @@ async def test_gen_renders_through_the_worker_and_returns_the_path_inside_the_da
     assert Path(out["digital_human_mp4_path"]).is_file() and out["data"]["frames"] == 13
     async with h.client.get(out["data"]["url"]) as resp:
         assert resp.status == 200 and await resp.read() == Path(out["digital_human_mp4_path"]).read_bytes()
+
+
+async def test_tts_failing_mid_reply_reports_plays_what_it_had_and_goes_on(tmp_path: Path) -> None:
+    async with running_server(tmp_path, tts=ToneTTS(fail_after=1)) as h:
+        viewer = await h.viewer()
+        events = viewer.session.events.subscribe()
+        first = viewer.session.say("The first sentence speaks. The second one fails.")
+        got = []
+        while not got or got[-1]["event"] != "speaking_ended":
+            got.append(await asyncio.wait_for(events.__anext__(), 5))
+        kinds = [e["event"] for e in got]
+        assert kinds[0] == "queued" and "error" in kinds and "speaking_started" in kinds
+        assert next(e for e in got if e["event"] == "error")["code"] == ErrorCode.TTS_FAILED
+        assert viewer.shown(first)  # the first sentence was shown
+        second = viewer.session.say("Still here.")  # the session goes on (this TTS fails from its second sentence)
+        await h.until(lambda: bool(viewer.shown(second)))
