@@ -52,6 +52,7 @@ from server.errors import (
     UnknownSession,
     WorkerUnavailable,
 )
+from server.heap import release_free_heap
 from server.logcontext import SESSION
 from server.metrics import Metrics, exposition
 from server.peer import answer_offer
@@ -65,6 +66,7 @@ log = logging.getLogger(__name__)
 OPEN_TIMEOUT_S = 120.0
 DEFAULT_SESSION_ID = "0"  # what the seed's clients send for "the session"
 CANCELLED = "cancelled"
+RELEASE_AFTER_S = 3.0  # quiet this long after the last session closed before freed memory is handed back
 
 WorkerFactory = Callable[[WorkerHandler], WorkerLink]
 
@@ -88,6 +90,7 @@ class SessionManager:
         self._job_keys: dict[str, str] = {}  # job id -> "user/request/chunk", for cancelling
         self._counters = _Counters()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._release: asyncio.TimerHandle | None = None
         # Decoding an upload takes a core: a few at a time, on threads of their own, so
         # a flood of uploads queues here instead of starving the media.
         self._decoders = ThreadPoolExecutor(max(1, config.max_decodes), thread_name_prefix="decode")
@@ -103,6 +106,8 @@ class SessionManager:
         for task in list(self._tasks):
             task.cancel()
         await self.close_all()
+        if self._release is not None:
+            self._release.cancel()
         self.fail_jobs("the server is shutting down")
         await self.worker.stop()
         self._decoders.shutdown(wait=False, cancel_futures=True)
@@ -269,6 +274,22 @@ class SessionManager:
         if session.last_recording is not None:
             self._counters.recordings[session_id] = (session.last_recording, session.secret)
         log.info("session %s closed (%d open)", session_id, len(self._sessions))
+        if not self._sessions:
+            self._release_when_idle()
+
+    def _release_when_idle(self) -> None:
+        """Once no session has been open for ``RELEASE_AFTER_S``, hand the heap's free
+        pages back to the system (see ``server.heap``); a session opening meanwhile, or
+        another closing, puts it off."""
+        if self._release is not None:
+            self._release.cancel()
+
+        def release() -> None:
+            self._release = None
+            if not self._sessions:
+                release_free_heap()
+
+        self._release = asyncio.get_running_loop().call_later(RELEASE_AFTER_S, release)
 
     async def close_all(self) -> None:
         for session_id in list(self._sessions):
