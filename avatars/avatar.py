@@ -1,29 +1,44 @@
 """A prepared avatar: its frames and face landmarks, on disk under ``<data>/avatars/<name>/``.
 
-Layout (memory-mapped when loaded, so the server and the worker share one copy in the
-page cache):
+Layout:
 
-* ``avatar.json``   - name, fps, size, frame count, landmark scheme, how it was made
-* ``frames.npy``    - (N, H, W, 3) uint8 RGB
+* ``avatar.json``   - format version, name, fps, size, frame count, landmark scheme, how
+  it was made and with which parameters
+* ``frames.jpg`` and ``frames.idx.npy`` - the frames as JPEG with their offsets, decoded
+  once per machine into a shared cache when used (``avatars.frame_store``); avatars of
+  format 1 have ``frames.npy`` instead, (N, H, W, 3) uint8 RGB, memory-mapped
 * ``landmarks.npy`` - (N, 478, 2) float32 pixel coordinates (MediaPipe face mesh);
   rows of NaN where no face was found in that frame
+* ``clips/<name>/`` - action clips, listed in ``avatar.json`` (``avatars.clips``)
 """
 from __future__ import annotations
 
 import errno
 import json
+import logging
+import os
 import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
+from .clips import Clip, load_clips
+from .frame_store import FRAMES_FILE, INDEX_FILE, SharedFrames, identity, write_frames
+
+log = logging.getLogger(__name__)
+
 AVATAR_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: raw frames.npy (still read)
+LEGACY_FRAMES = "frames.npy"
+
+
+Frames = SharedFrames | np.ndarray  # (N, H, W, 3) uint8 RGB, read-only
 
 
 class AvatarNotFound(LookupError):
@@ -38,10 +53,11 @@ class InvalidAvatarName(ValueError):
 class Avatar:
     name: str
     path: Path
-    frames: np.ndarray  # (N, H, W, 3) uint8 RGB
+    frames: Frames
     landmarks: np.ndarray  # (N, 478, 2) float32, NaN where no face
     fps: int = 25
     meta: dict[str, Any] = field(default_factory=dict)
+    clips: list[Clip] = field(default_factory=list)  # action clips by number (``avatars.clips``)
 
     @property
     def num_frames(self) -> int:
@@ -59,6 +75,23 @@ class Avatar:
     def frame_shape(self) -> tuple[int, int, int]:
         return (self.height, self.width, 3)
 
+    def frames_identity(self) -> str:
+        """Changes whenever the avatar's frames are rewritten (for caches derived from them)."""
+        if (self.path / FRAMES_FILE).is_file():
+            return identity(self.path)
+        legacy = self.path / LEGACY_FRAMES
+        if legacy.is_file():
+            st = legacy.stat()
+            return f"{LEGACY_FRAMES}:{st.st_size}:{st.st_mtime_ns}"
+        return f"{self.frames.shape}"
+
+    def release(self) -> None:
+        """Drop the machine's decoded-frame cache (a process mapping it keeps its pages)."""
+        if isinstance(self.frames, SharedFrames):
+            self.frames.drop_cache()
+        for clip in self.clips:
+            clip.drop_cache()
+
     def idle_index(self, cursor: int) -> int:
         """Frame shown at ``cursor`` while idle: the clip played forward then backward,
         so the loop has no jump."""
@@ -68,11 +101,6 @@ class Avatar:
         period = 2 * n - 2
         k = cursor % period
         return k if k < n else period - k
-
-    @property
-    def clips(self) -> list[str]:
-        """Names of the avatar's action clips, played by ``audiotype`` 1..n."""
-        return list(self.meta.get("clips", []))
 
     def has_face(self, index: int) -> bool:
         return bool(np.isfinite(self.landmarks[index, 0, 0]))
@@ -114,7 +142,7 @@ def save_avatar(
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=final.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; a published avatar is an ordinary folder
-        np.save(tmp / "frames.npy", np.ascontiguousarray(frames))
+        write_frames(tmp, frames)
         np.save(tmp / "landmarks.npy", landmarks.astype(np.float32))
         info = {
             "format": FORMAT_VERSION,
@@ -126,6 +154,7 @@ def save_avatar(
             "landmarks": "mediapipe-478",
             **(meta or {}),
         }
+        info.update(_keep_clips(final, tmp, info))
         (tmp / "avatar.json").write_text(json.dumps(info, indent=2))
         _publish(tmp, final)
     except BaseException:
@@ -134,13 +163,60 @@ def save_avatar(
     return load_avatar(data_dir, name)
 
 
+def _keep_clips(final: Path, tmp: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """A re-prepared avatar keeps its action clips when they still fit it (same frame size
+    and rate); they are copied into the new version before it is published."""
+    try:
+        old = json.loads((final / "avatar.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    clips = old.get("clips") or []
+    if not clips or not (final / "clips").is_dir():
+        return {}
+    if [old.get(k) for k in ("width", "height", "fps")] != [info[k] for k in ("width", "height", "fps")]:
+        log.warning("avatar %r: its %d action clip(s) do not fit the new size or rate and are dropped; add them again",
+                    info["name"], len(clips))
+        return {}
+    shutil.copytree(final / "clips", tmp / "clips")
+    return {"clips": clips}
+
+
+def update_avatar(data_dir: Path, name: str, landmarks: np.ndarray | None = None, meta: dict[str, Any] | None = None) -> Avatar:
+    """Re-prepare part of an avatar in place: new landmarks and/or metadata, its frames
+    kept as they are (each file replaced atomically). Engine material derived from the
+    landmarks notices the change by its key and is made again; the rest is kept."""
+    current = load_avatar(data_dir, name)
+    if landmarks is not None:
+        if landmarks.shape[0] != current.num_frames or landmarks.shape[-1] != 2:
+            raise ValueError(f"landmarks must be (N, K, 2) with N={current.num_frames}, got {landmarks.shape}")
+        _replace_file(current.path / "landmarks.npy", lambda f: np.save(f, landmarks.astype(np.float32)))
+    if meta:
+        info = {**current.meta, **meta}
+        _replace_file(current.path / "avatar.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
+    return load_avatar(data_dir, name)
+
+
+def _replace_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def load_avatar(data_dir: Path, name: str) -> Avatar:
     folder = avatar_dir(data_dir, name)
     info_path = folder / "avatar.json"
     if not info_path.is_file():
         raise AvatarNotFound(f"avatar {name!r} is not prepared under {avatars_root(data_dir)}")
     info = json.loads(info_path.read_text())
-    frames = np.load(folder / "frames.npy", mmap_mode="r")
+    frames: Frames
+    if (folder / FRAMES_FILE).is_file() and (folder / INDEX_FILE).is_file():
+        frames = SharedFrames(folder, name, int(info["height"]), int(info["width"]), data_dir)
+    else:
+        frames = np.load(folder / LEGACY_FRAMES, mmap_mode="r")
     landmarks = np.load(folder / "landmarks.npy")
     return Avatar(
         name=name,
@@ -149,6 +225,7 @@ def load_avatar(data_dir: Path, name: str) -> Avatar:
         landmarks=landmarks,
         fps=int(info.get("fps", 25)),
         meta=info,
+        clips=load_clips(folder, info, data_dir),
     )
 
 

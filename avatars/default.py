@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .avatar import Avatar, AvatarNotFound, avatars_root, check_name, load_avatar, save_avatar
+from .avatar import FORMAT_VERSION, Avatar, AvatarNotFound, avatars_root, check_name, load_avatar, save_avatar
 from .landmarks import (
     CHIN,
     FOREHEAD,
@@ -259,7 +259,11 @@ def _load_current(data_dir: Path, name: str) -> Avatar | None:
         # Someone prepared their own avatar under this name (``python -m avatars prepare
         # --name default``): theirs wins over the built-in one.
         return avatar
-    if builder != BUILDER or avatar.meta.get("builder_version") != BUILDER_VERSION:
+    if (
+        builder != BUILDER
+        or avatar.meta.get("builder_version") != BUILDER_VERSION
+        or avatar.meta.get("format") != FORMAT_VERSION  # e.g. raw frames of format 1: rebuilt compressed
+    ):
         log.info(
             "default avatar %r was made by %s v%s; rebuilding with v%d",
             name, avatar.meta.get("builder"), avatar.meta.get("builder_version"), BUILDER_VERSION,

@@ -38,7 +38,7 @@ class FaceMeshDetector:
     """Thin wrapper over ``mediapipe.solutions.face_mesh``; RGB uint8 frames in,
     (478, 2) pixel coordinates out (NaN when no face)."""
 
-    def __init__(self, video: bool = True) -> None:
+    def __init__(self, video: bool = True, detection_confidence: float = 0.5, tracking_confidence: float = 0.5) -> None:
         try:
             import mediapipe as mp
         except ImportError as exc:  # pragma: no cover - base dependency
@@ -50,17 +50,22 @@ class FaceMeshDetector:
             static_image_mode=not video,
             max_num_faces=1,
             refine_landmarks=True,
-            min_detection_confidence=0.5,
-            min_tracking_confidence=0.5,
+            min_detection_confidence=detection_confidence,
+            min_tracking_confidence=tracking_confidence,
         )
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self.points3d(frame)[:, :2])
+
+    def points3d(self, frame: np.ndarray) -> np.ndarray:
+        """(478, 3): x, y in pixels and the depth z in the same units as x (smaller is
+        nearer the camera), NaN when no face. The depth tells which way the head turns."""
         h, w = frame.shape[:2]
         result = self._mesh.process(np.ascontiguousarray(frame))
         if not result.multi_face_landmarks:
-            return np.full((NUM_LANDMARKS, 2), np.nan, np.float32)
+            return np.full((NUM_LANDMARKS, 3), np.nan, np.float32)
         pts = result.multi_face_landmarks[0].landmark
-        return np.array([[p.x * w, p.y * h] for p in pts], np.float32)
+        return np.array([[p.x * w, p.y * h, p.z * w] for p in pts], np.float32)
 
     def close(self) -> None:
         self._mesh.close()

@@ -1,4 +1,4 @@
-"""``python -m bench [cpu|realtime|musetalk|encode|browser|load|gpu-check|all]``: the project's benchmarks, each printing a table."""
+"""``python -m bench [cpu|realtime|musetalk|encode|browser|avatar|load|gpu-check|all]``: the project's benchmarks, each printing a table."""
 from __future__ import annotations
 
 import importlib
@@ -12,6 +12,7 @@ BENCHES = {
     "features": ("bench.features_bench", "MuseTalk audio features while audio still arrives vs the whole utterance's; Whisper pass ms"),
     "encode": ("bench.encoder_bench", "aiortc VP8/H.264 encode ms, frames/s with 1 and 2 sessions in parallel, sessions per core"),
     "browser": ("bench.browser_bench", "the same latency and sync figures as headless Chromium plays them (needs playwright)"),
+    "avatar": ("bench.avatar_bench", "a 30 s 1080p presenter video: preparation frames/s, MB on disk, first session s, shared cache"),
     "load": ("bench.load_bench", "N real aiortc clients come, talk, interrupt, upload and go; latency, gaps, server memory/fds/shm"),
     "gpu-check": ("bench.gpu_check", "one-call MuseTalk check on a GPU machine: tests, precision, benchmarks, one report (--dry-run: CPU)"),
 }

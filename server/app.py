@@ -13,6 +13,8 @@ from pipeline.client import WorkerClient, WorkerHandler, WorkerLink
 from pipeline.worker import WorkerConfig
 from server import logcontext
 from server.access import access_middleware
+from server.avatar_routes import routes as avatar_routes
+from server.avatar_routes import setup_avatars
 from server.config import ServerConfig
 from server.digital_human import routes as digital_human_routes
 from server.errors import ErrorCode, LipSyncError, error_middleware
@@ -74,6 +76,7 @@ def create_app(config: ServerConfig, worker_factory: WorkerFactory | None = None
     app[CONFIG] = config
     app.add_routes(routes)
     app.add_routes(digital_human_routes)
+    setup_avatars(app)  # GET/POST /avatars, the preparation jobs
     app.add_routes(openapi_routes)
 
     async def index(request: web.Request) -> web.StreamResponse:
@@ -81,7 +84,7 @@ def create_app(config: ServerConfig, worker_factory: WorkerFactory | None = None
 
     web_root = config.web_dir.resolve()
     methods: dict[str, set[str]] = {}  # the fixed routes and their methods
-    for table in (routes, digital_human_routes, openapi_routes):
+    for table in (routes, digital_human_routes, avatar_routes, openapi_routes):
         for r in table:
             if isinstance(r, web.RouteDef) and "{" not in r.path:
                 methods.setdefault(r.path, set()).add(r.method)

@@ -41,6 +41,8 @@ class ServerConfig:
     idle_timeout_s: float = 3600.0  # a session nobody drives for this long is closed (0: never)
     max_gen_seconds: float = 600.0  # audio length /digital_human/gen takes
     job_timeout_s: float = 900.0  # an offline job still running after this is cancelled
+    max_avatar_upload_bytes: int = 500 * 1024 * 1024  # a video or picture sent to POST /avatars (streamed to disk)
+    max_avatar_jobs: int = 4  # avatar preparations queued or running at once (one runs at a time); more: 429
     worker_heartbeat_s: float = 5.0  # a worker silent this long is replaced
     # STUN/TURN URLs for the server's peer connections. Empty: host candidates only,
     # which is right on a LAN and avoids aiortc's default lookup of a public STUN server.

@@ -1,5 +1,6 @@
-"""The batch routes for chatbot back ends: prepare an avatar from a video, and render a
-spoken answer to an mp4 file. Every path is resolved inside the data directory."""
+"""The batch routes for chatbot back ends: prepare an avatar from a video (a job, see
+``server/avatar_routes.py``), and render a spoken answer to an mp4 file. Every path is
+resolved inside the data directory."""
 from __future__ import annotations
 
 import asyncio
@@ -10,10 +11,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from avatars.avatar import InvalidAvatarName, avatar_dir, check_name
-from avatars.default import DEFAULT_NAME as DEFAULT_AVATAR
+from avatars.avatar import InvalidAvatarName, check_name
 from media.decode import probe_seconds
-from server.access import Forbidden
+from server.avatar_jobs import JobState, PrepareRequest
+from server.avatar_routes import AVATAR_JOBS, check_replace, options_from_json, unknown_avatar
 from server.errors import BadRequest, Conflict, ErrorCode, NotFound, UnknownAvatar
 from server.keys import CONFIG, MANAGER
 from server.request import Body, field_bool, field_str, read_json
@@ -63,24 +64,27 @@ def _streamer(body: Body) -> str:
 
 @routes.post("/digital_human/preprocess")
 async def preprocess(request: web.Request) -> web.Response:
-    config, manager = request.app[CONFIG], request.app[MANAGER]
+    """Queue the preparation of avatar ``streamer_id`` from ``video_path`` and answer at once with
+    the job (``data.job_id``, ``data.status_url``); ``"wait": true`` answers when it has ended,
+    as the seed's route did. ``/digital_human/gen`` on that avatar waits for the job."""
+    config, jobs = request.app[CONFIG], request.app[AVATAR_JOBS]
     body = await read_json(request)
     user_id, request_id, streamer = _id(body, "user_id"), _id(body, "request_id"), _streamer(body)
     video = resolve_in_data(config.data_dir, field_str(body, "video_path"), "video_path")
     if not video.is_file():
         raise NotFound(f"video_path {video} does not exist")
-    if streamer == DEFAULT_AVATAR:
-        raise Forbidden(f"the built-in avatar {DEFAULT_AVATAR!r} cannot be replaced: prepare yours under another streamer_id")
-    if avatar_dir(config.data_dir, streamer).exists() and not field_bool(body, "overwrite"):
-        raise Conflict(f"avatar {streamer!r} exists: send 'overwrite': true to replace it (sessions on it keep the old one)")
-    from avatars.prepare import prepare_avatar  # MediaPipe: only this route needs it
-
-    try:
-        avatar = await asyncio.get_running_loop().run_in_executor(None, prepare_avatar, config.data_dir, streamer, video)
-    except ValueError as exc:
-        raise BadRequest(f"could not prepare an avatar from {video.name}: {exc}") from None
-    manager.forget_avatar(streamer)
-    return web.json_response({"code": 0, "msg": "ok", "user_id": user_id, "request_id": request_id, "data": {"frames": avatar.num_frames}})
+    options = options_from_json(body)
+    replace = field_bool(body, "replace") or field_bool(body, "overwrite")  # "overwrite": this route's first spelling
+    wait = field_bool(body, "wait")
+    check_replace(request, streamer, replace, "send \"replace\": true (or \"overwrite\": true)")
+    job = jobs.submit(PrepareRequest(streamer, video, options, replace=replace, source_name=video.name))
+    if wait:
+        await jobs.wait(job)
+        if job.state == JobState.FAILED:
+            raise BadRequest(f"could not prepare an avatar from {video.name}: {job.error}")
+        if job.state == JobState.CANCELLED:
+            raise Conflict(f"the preparation of {streamer!r} was cancelled: {job.error}")
+    return web.json_response({"code": 0, "msg": "ok", "user_id": user_id, "request_id": request_id, "data": jobs.snapshot(job)})
 
 
 @routes.post("/digital_human/gen")
@@ -95,10 +99,14 @@ async def gen(request: web.Request) -> web.Response:
     seconds = await asyncio.get_running_loop().run_in_executor(None, probe_seconds, audio)
     if seconds is not None and seconds > config.max_gen_seconds:
         raise BadRequest(f"tts_path holds {seconds:.0f} s of audio; /digital_human/gen takes at most {config.max_gen_seconds:.0f} s")
+    pending = request.app[AVATAR_JOBS].pending(streamer)
+    if pending is not None:  # the seed's clients call /gen right after /preprocess
+        await request.app[AVATAR_JOBS].wait(pending)
     try:
         manager.avatar(streamer)  # before any work
     except UnknownAvatar:
-        raise UnknownAvatar(f"avatar {streamer!r} is not prepared: call /digital_human/preprocess first") from None
+        raise unknown_avatar(request.app, streamer, f"avatar {streamer!r} is not prepared: call /digital_human/preprocess "
+                                                    "first") from None
     root = Path(config.data_dir).resolve()
     out = root / "outputs" / user_id / f"{request_id}_{chunk_id}.mp4"
     out.parent.mkdir(parents=True, exist_ok=True)

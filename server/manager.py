@@ -20,6 +20,7 @@ from typing import Any
 from aiortc import RTCSessionDescription
 
 from avatars.avatar import Avatar, AvatarNotFound, InvalidAvatarName, check_name, load_avatar
+from avatars.frame_store import SharedFrames
 from media.decode import AudioDecodeError, decode_audio
 from media.pcm import Pcm
 from pipeline.client import WorkerHandler, WorkerLink
@@ -64,6 +65,7 @@ from tts.base import TTSBackend
 log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT_S = 120.0
+OPEN_GRACE_S = 1.5  # a session waits this long for the worker to open it before it starts anyway
 DEFAULT_SESSION_ID = "0"  # what the seed's clients send for "the session"
 CANCELLED = "cancelled"
 RELEASE_AFTER_S = 3.0  # quiet this long after the last session closed before freed memory is handed back
@@ -108,6 +110,8 @@ class SessionManager:
         await self.close_all()
         if self._release is not None:
             self._release.cancel()
+        for avatar in self._avatars.values():
+            avatar.release()  # the machine's decoded-frame caches go with the server
         self.fail_jobs("the server is shutting down")
         await self.worker.stop()
         self._decoders.shutdown(wait=False, cancel_futures=True)
@@ -159,9 +163,12 @@ class SessionManager:
             raise BadRequest(str(exc)) from None
         if name not in self._avatars:
             try:
-                self._avatars[name] = load_avatar(self.config.data_dir, name)
+                avatar = load_avatar(self.config.data_dir, name)
             except AvatarNotFound as exc:
                 raise UnknownAvatar(f"{exc}; prepare it with: python -m avatars prepare --name {name} --source VIDEO") from None
+            if isinstance(avatar.frames, SharedFrames):
+                avatar.frames.prefetch()  # decoded ahead of the idle loop, off the event loop
+            self._avatars[name] = avatar
         return self._avatars[name]
 
     def forget_avatar(self, name: str) -> None:
@@ -250,14 +257,30 @@ class SessionManager:
         self._sessions[session_id] = session
         self.worker.send(session.open_message())
         try:
-            result = await asyncio.wait_for(asyncio.shield(session.opened), OPEN_TIMEOUT_S)
+            result = await asyncio.wait_for(asyncio.shield(session.opened), OPEN_GRACE_S)
         except asyncio.TimeoutError:
-            await self.close(session_id)
-            raise WorkerUnavailable("the inference worker did not open the session in time") from None
+            # The engine is still making its material for this avatar (its first use). The
+            # video needs no worker (idle frames come from here), and speech sent meanwhile
+            # waits in the worker's queue behind the open, so the session starts now.
+            log.info("session %s: the engine is still preparing avatar %s; starting on idle frames", session_id, avatar.name)
+            self._spawn(self._finish_open(session))
+            return session
         if not result.ok:
             await self.close(session_id)
             raise WorkerUnavailable(f"the inference worker could not open the session: {result.error}")
         return session
+
+    async def _finish_open(self, session: Session) -> None:
+        """A session that started before the worker had opened it: closed, with an
+        ``error`` event saying why, if the worker then fails or never answers."""
+        try:
+            result = await asyncio.wait_for(asyncio.shield(session.opened), OPEN_TIMEOUT_S)
+            error = None if result.ok else f"the inference worker could not open the session: {result.error}"
+        except asyncio.TimeoutError:
+            error = "the inference worker did not open the session in time"
+        if error is not None and self._sessions.get(session.id) is session:
+            session.on_worker_error(WorkerError(session.id, error))
+            await self.close(session.id)
 
     def _peer_gone(self, session_id: str) -> None:
         task = asyncio.ensure_future(self.close(session_id))

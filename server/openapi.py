@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from avatars.clips import CLIP_NAME_RE, FIRST_NUMBER, MAX_CLIP_SECONDS
 from server.config import ServerConfig
 from server.errors import HTTP_STATUS, ErrorCode
 from server.keys import CONFIG
@@ -206,8 +207,9 @@ def _schemas(config: ServerConfig) -> dict[str, Schema]:
                 **session_fields,
                 "audiotype": {"anyOf": [{"type": "integer", "minimum": -(10**9), "maximum": 10**9},
                                         {"type": "string", "minLength": 1, "maxLength": 128}],
-                              "description": "0: the idle loop; 1..n or a clip's name: the avatar's action clips"},
-                "reinit": {**_ref("Flag"), "description": "restart the idle loop"},
+                              "description": "0 or 1: the idle loop (LiveTalking's 'normal' and 'silence'); 2.. or a "
+                                             "clip's name: the avatar's action clips (POST /avatars/{name}/clips)"},
+                "reinit": {**_ref("Flag"), "description": "restart what plays: the clip, or the idle loop"},
             },
         },
         "Record": {
@@ -219,7 +221,15 @@ def _schemas(config: ServerConfig) -> dict[str, Schema]:
             "properties": {
                 "user_id": _ref("Id"), "request_id": _ref("Id"), "streamer_id": _ref("AvatarName"),
                 "video_path": _ref("DataPath"),
-                "overwrite": {**_ref("Flag"), "description": "replace an avatar of that name (409 otherwise)"},
+                "replace": {**_ref("Flag"), "description": "replace an avatar of that name, the built-in `default` or the "
+                                                           "server's --avatar (409 otherwise; with --token, the operator only)"},
+                "overwrite": {**_ref("Flag"), "description": "the same as `replace` (this route's first spelling)"},
+                "wait": {**_ref("Flag"), "description": "answer when the job has ended (400 if it failed) instead of at once"},
+                "fps": {"type": "integer", "minimum": 1, "maximum": 60, "default": 25, "description": "avatar frame rate"},
+                "max_seconds": {"type": "number", "minimum": 0.04, "maximum": 120,
+                                "description": "use at most this much of the video (default: as `python -m avatars prepare`)"},
+                "max_side": {"type": "integer", "minimum": 16, "maximum": 4096, "default": 1280,
+                             "description": "shrink so the longer side is at most this"},
             },
         },
         "Gen": {
@@ -271,6 +281,8 @@ def _schemas(config: ServerConfig) -> dict[str, Schema]:
             "type": "object", "required": ["code", "msg"], "additionalProperties": False,
             "properties": {"code": {"type": "integer", "enum": [int(c) for c in _codes(status)]}, **error_props},
         }
+    schemas.update(_avatar_schemas(config))
+    schemas.update(_clip_schemas(config))
     return schemas
 
 
@@ -335,11 +347,17 @@ def build_spec(config: ServerConfig) -> dict[str, Any]:
             security=SESSION, parameters=[_query("secret"), _query("token")],
             body=_json_body("SessionOnly", {"sessionid": sid_example}), operation_id="is_speaking")},
         "/set_audiotype": {"post": _operation(
-            "Choose the idle clip", "0: the idle loop; 1..n or a clip's name: an action clip. A name that is no clip of "
-            "the avatar switches nothing and says why in `data.reason`.",
+            "Play an action clip, or the idle loop",
+            "0 or 1: the idle loop; 2.. (LiveTalking's numbers) or a clip's name: that action clip, cross-faded in. A "
+            "looping clip plays until switched away, a one-shot clip once; speech leaves a clip, and one chosen while "
+            "speaking starts when the speech stops. An unknown number, or an unknown name on an avatar with clips, is a "
+            "400 listing the clips; the seed's audio modes (`stereo`) and names on an avatar without clips switch nothing "
+            "and say why in `data.reason`.",
             {"200": _ok("what was done", {"type": "object", "required": ["audiotype", "switched", "reinit"],
                                           "properties": {"audiotype": {"type": ["integer", "string"]},
                                                          "switched": {"type": "boolean"}, "reinit": {"type": "boolean"},
+                                                         "clip": {"type": ["string", "null"],
+                                                                  "description": "the clip chosen; null: the idle loop"},
                                                          "reason": {"type": "string"}}}),
              **_errors(400, *ACCESS, 404, 413)},
             security=SESSION, parameters=[_query("secret"), _query("token")],
@@ -369,13 +387,15 @@ def build_spec(config: ServerConfig) -> dict[str, Any]:
              **_errors(403)},
             security=OPEN, tag="digital_human", operation_id="check")},
         "/digital_human/preprocess": {"post": _operation(
-            "Prepare an avatar from a video", "Prepares avatar `streamer_id` from `video_path` (inside the data directory).",
-            {"200": {"description": "prepared", "content": _json({
+            "Prepare an avatar from a video",
+            "Queues the preparation of avatar `streamer_id` from `video_path` (inside the data directory) as a job and "
+            "answers at once: `data` is the job (`job_id`, `status_url`: GET it for progress, DELETE it to cancel). "
+            "`wait: true` answers once the job has ended. `/digital_human/gen` on that avatar waits for the job.",
+            {"200": {"description": "the job", "content": _json({
                 "type": "object", "required": ["code", "msg", "user_id", "request_id", "data"],
                 "properties": {"code": {"const": 0}, "msg": {"const": "ok"}, "user_id": {"type": "string"},
-                               "request_id": {"type": "string"},
-                               "data": {"type": "object", "properties": {"frames": {"type": "integer"}}}}})},
-             **_errors(400, *ACCESS, 404, 409, 413)},
+                               "request_id": {"type": "string"}, "data": _ref("AvatarJob")}})},
+             **_errors(400, *ACCESS, 404, 409, 413, 429)},
             security=TOKEN, parameters=[_query("token")],
             body=_json_body("Preprocess", {"user_id": "u1", "request_id": "r1", "streamer_id": "anna",
                                            "video_path": "data/video/anna.mp4"}),
@@ -432,6 +452,8 @@ def build_spec(config: ServerConfig) -> dict[str, Any]:
                                                        "worker_restarts": {"type": "integer"}}}),
              **_errors(*ACCESS)},
             security=TOKEN, parameters=[_query("token")], tag="server", operation_id="stats")},
+        **_avatar_paths(config),
+        **_clip_paths(config),
         OPENAPI_PATH: {"get": _operation(
             "This document", "The OpenAPI description of this server.",
             {"200": {"description": "the document", "content": _json({"type": "object", "required": ["openapi", "paths"]})},
@@ -442,7 +464,7 @@ def build_spec(config: ServerConfig) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "Real-Time Lip Sync", "version": VERSION, "description": DESCRIPTION},
         "servers": [{"url": "/"}],
-        "tags": [{"name": "sessions"}, {"name": "digital_human"}, {"name": "server"}, {"name": "pages"}],
+        "tags": [{"name": "sessions"}, {"name": "avatars"}, {"name": "digital_human"}, {"name": "server"}, {"name": "pages"}],
         "paths": paths,
         "components": {
             "schemas": _schemas(config),
@@ -467,3 +489,172 @@ def build_spec(config: ServerConfig) -> dict[str, Any]:
 @routes.get(OPENAPI_PATH)
 async def openapi_json(request: web.Request) -> web.Response:
     return web.json_response(build_spec(request.app[CONFIG]))
+
+
+# ---- avatars and their preparation jobs (server/avatar_routes.py) ----
+
+
+def _avatar_schemas(config: ServerConfig) -> dict[str, Schema]:
+    nullable_str: Schema = {"type": ["string", "null"]}
+    nullable_num: Schema = {"type": ["number", "null"]}
+    return {
+        "AvatarEntry": {
+            "type": "object",
+            "required": ["name", "width", "height", "fps", "frames", "seconds", "bytes", "clips", "engines"],
+            "properties": {
+                "name": {"type": "string"}, "width": {"type": "integer"}, "height": {"type": "integer"},
+                "fps": {"type": "integer"}, "frames": {"type": "integer"}, "seconds": {"type": "number"},
+                "bytes": {"type": "integer", "description": "on disk, engine material included"},
+                "kind": {**nullable_str, "description": "video or image: what it was prepared from"},
+                "source": {**nullable_str, "description": "the file it was prepared from"},
+                "builder": nullable_str, "format": {"type": ["integer", "null"]},
+                "clips": {"type": "array", "description": "action clips, played by /set_audiotype's `audiotype` number or name",
+                          "items": {"type": "object", "required": ["number", "name"],
+                                    "properties": {"number": {"type": "integer"}, "name": {"type": "string"}}}},
+                "engines": {"type": "object", "required": ["cpu", "musetalk"],
+                            "description": "which engines have what they need prepared (cpu needs nothing)",
+                            "properties": {"cpu": {"type": "boolean"}, "musetalk": {"type": "boolean"}}},
+                "material": {"type": "object", "properties": {"musetalk": {"type": "array", "items": {"type": "object"}}}},
+                "prepared_at": nullable_str,
+                "default": {"type": "boolean", "description": "the avatar a session gets when /offer names none"},
+            },
+        },
+        "AvatarJob": {
+            "type": "object",
+            "required": ["job_id", "name", "state", "stage", "progress", "error", "result", "status_url"],
+            "properties": {
+                "job_id": {"type": "string"}, "name": {"type": "string"},
+                "state": {"enum": ["queued", "running", "done", "failed", "cancelled"]},
+                "stage": {"type": "string", "description": "queued, starting, then prepare_avatar's stages; the state once ended"},
+                "progress": {"type": "object", "required": ["done", "total", "fraction", "fps", "eta_s"],
+                             "properties": {"done": {"type": "integer"}, "total": {"type": "integer"},
+                                            "fraction": nullable_num, "fps": {**nullable_num, "description": "steps/s in this stage"},
+                                            "eta_s": {**nullable_num, "description": "seconds left in this stage"}}},
+                "error": {**nullable_str, "description": "why it failed or was cancelled (no face, not a video, ...)"},
+                "result": {"anyOf": [_ref("AvatarEntry"), {"type": "null"}], "description": "the avatar, once done"},
+                "warnings": {"type": "array", "items": {"type": "string"},
+                             "description": "what the preparation noticed (frames without a usable face, ...)"},
+                "source": {"type": "string"}, "replace": {"type": "boolean"}, "options": {"type": "object"},
+                "queue_position": {"type": ["integer", "null"]},
+                "queued_at": nullable_str, "started_at": nullable_str, "finished_at": nullable_str,
+                "elapsed_s": {"type": "number"}, "status_url": {"type": "string"},
+            },
+        },
+        "AvatarUpload": {
+            "type": "object", "required": ["name", "file"],
+            "properties": {
+                "name": _ref("AvatarName"),
+                "file": {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream",
+                         "description": f"a video (mp4, mov, webm...) or a picture (png, jpg) with one face; at most "
+                                        f"{config.max_avatar_upload_bytes} bytes"},
+                "replace": {"enum": ["true", "false", "1", "0"],
+                            "description": "replace an existing avatar, the built-in `default` or the server's --avatar"},
+                "fps": {"type": "string", "pattern": "^[0-9]{1,2}$", "description": "1-60 (default 25)"},
+                "max_seconds": {"type": "string", "pattern": "^[0-9]{1,3}(\\.[0-9]{1,3})?$",
+                                "description": "0.04-120: use at most this much of a video (default: as `python -m avatars "
+                                               "prepare`)"},
+                "max_side": {"type": "string", "pattern": "^[0-9]{1,4}$",
+                             "description": "16-4096 (default 1280): shrink so the longer side is at most this"},
+            },
+        },
+    }
+
+
+def _avatar_paths(config: ServerConfig) -> dict[str, Schema]:
+    job_id: Schema = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    job_example = {"code": 0, "msg": "ok", "data": {
+        "job_id": "9f1c2b3a4d5e6f70", "name": "anna", "state": "running", "stage": "landmarks",
+        "progress": {"done": 120, "total": 500, "fraction": 0.24, "fps": 61.5, "eta_s": 6.2}, "error": None,
+        "result": None, "status_url": "/avatars/jobs/9f1c2b3a4d5e6f70"}}
+    return {
+        "/avatars": {
+            "get": _operation(
+                "List the avatars", "Every prepared avatar (size, frame rate, length, bytes on disk, action clips, which "
+                "engines have material for it), the server's default avatar and engine, and the preparations queued or "
+                "running.",
+                {"200": _ok("the avatars", {"type": "object", "required": ["default", "engine", "avatars", "jobs"],
+                                            "properties": {"default": {"type": "string"}, "engine": {"type": "string"},
+                                                           "avatars": {"type": "array", "items": _ref("AvatarEntry")},
+                                                           "jobs": {"type": "array", "items": _ref("AvatarJob")}}}),
+                 **_errors(*ACCESS)},
+                security=TOKEN, parameters=[_query("token")], tag="avatars", operation_id="list_avatars"),
+            "post": _operation(
+                "Prepare an avatar from an upload",
+                "multipart/form-data: `name` and `file` (a video or a picture with one face), optional `replace`, `fps`, "
+                "`max_seconds`, `max_side`. The upload is streamed to disk (413 past "
+                f"{config.max_avatar_upload_bytes} bytes); the answer (202) is the job: follow it at `data.status_url`. "
+                "An existing avatar, the built-in `default` and the server's --avatar are replaced only with `replace` "
+                "(409 otherwise) and, with --token, only by the operator. One job runs at a time; past "
+                f"{config.max_avatar_jobs} queued or running: 429.",
+                {"202": {"description": "the job, queued", "headers": {"Location": {"schema": {"type": "string"}}},
+                         "content": _json({"type": "object", "required": ["code", "msg", "data"],
+                                           "properties": {"code": {"const": 0}, "msg": {"const": "ok"},
+                                                          "data": _ref("AvatarJob")}})},
+                 **_errors(400, *ACCESS, 409, 413, 429, 507)},
+                security=TOKEN, parameters=[_query("token")],
+                body={"required": True, "content": {"multipart/form-data": {
+                    "schema": _ref("AvatarUpload"), "encoding": {"file": {"contentType": "application/octet-stream"}}}}},
+                tag="avatars", operation_id="upload_avatar"),
+        },
+        "/avatars/jobs/{job_id}": {
+            "get": _operation(
+                "Follow a preparation", "The job's state (queued, running, done, failed, cancelled), stage, progress "
+                "(done/total, steps per second, seconds left in the stage), error and, once done, the avatar. Ended jobs "
+                "are kept for an hour (the last 64).",
+                {"200": _ok("the job", _ref("AvatarJob"), job_example), **_errors(*ACCESS, 404)},
+                security=TOKEN, parameters=[job_id, _query("token")], tag="avatars", operation_id="avatar_job"),
+            "delete": _operation(
+                "Cancel a preparation", "A queued job is dropped; a running one is killed and what it wrote removed "
+                "(an avatar it was replacing stays as it was). 409 when the job has ended.",
+                {"200": _ok("the job, cancelled", _ref("AvatarJob")), **_errors(*ACCESS, 404, 409)},
+                security=TOKEN, parameters=[job_id, _query("token")], tag="avatars", operation_id="cancel_avatar_job"),
+        },
+    }
+
+
+# ---- action clips (POST /avatars/{name}/clips in server/routes.py) ----
+
+
+def _clip_schemas(config: ServerConfig) -> dict[str, Schema]:
+    form_flag: Schema = {"enum": ["true", "false", "1", "0"]}
+    return {
+        "AddClip": {
+            "type": "object", "required": ["clip", "file"],
+            "properties": {
+                "clip": {"type": "string", "pattern": CLIP_NAME_RE.pattern, "description": "the clip's name: a letter first"},
+                "file": {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream",
+                         "description": f"a video (mp4, mov, webm...) of at most {MAX_CLIP_SECONDS:.0f} s and "
+                                        f"{config.max_upload_bytes} bytes, cut from the avatar's framing; its sound is kept"},
+                "number": {"type": "string", "pattern": "^[0-9]{1,9}$",
+                           "description": f"its audiotype number, {FIRST_NUMBER} or more (0 and 1 are the idle loop); "
+                                          "default: its number when replaced, else the first free"},
+                "loop": {**form_flag, "description": "play until switched away (default: once, then the idle loop)"},
+                "replace": {**form_flag, "description": "replace a clip of that name (409 otherwise)"},
+            },
+        },
+        "Clip": {
+            "type": "object", "required": ["avatar", "name", "number", "frames", "seconds", "has_audio", "loop"],
+            "properties": {"avatar": {"type": "string"}, "name": {"type": "string"}, "number": {"type": "integer"},
+                           "frames": {"type": "integer"}, "seconds": {"type": "number"},
+                           "has_audio": {"type": "boolean"}, "loop": {"type": "boolean"}},
+        },
+    }
+
+
+def _clip_paths(config: ServerConfig) -> dict[str, Schema]:
+    return {
+        "/avatars/{name}/clips": {"post": _operation(
+            "Add an action clip to an avatar",
+            "A short video, fitted to the avatar (its frame rate; scaled and centre-cropped to its size; refused when its "
+            "shape is too far off), with its sound, stored with the avatar and listed in its `clips`. Open sessions on "
+            "the avatar can play it at once with POST /set_audiotype (its number or name).",
+            {"200": _ok("the clip", _ref("Clip"), {"code": 0, "msg": "ok", "data": {
+                "avatar": "anna", "name": "wave", "number": 2, "frames": 50, "seconds": 2.0, "has_audio": True,
+                "loop": False}}),
+             **_errors(400, *ACCESS, 404, 409, 413, 507)},
+            security=TOKEN,
+            parameters=[{"name": "name", "in": "path", "required": True, "schema": _ref("AvatarName")}, _query("token")],
+            body={"required": True, "content": {"multipart/form-data": {
+                "schema": _ref("AddClip"), "encoding": {"file": {"contentType": "application/octet-stream"}}}}},
+            tag="avatars", operation_id="add_clip")},
+    }

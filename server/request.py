@@ -188,7 +188,7 @@ def field_int(body: Body, name: str) -> int:
 
 
 def field_audiotype(body: Body) -> int | str:
-    """``audiotype``: an integer (0 idle, 1..n clips), a numeric string, or a clip's name."""
+    """``audiotype``: an integer (0 or 1 the idle loop, 2.. clips), a numeric string, or a clip's name."""
     value = body.get("audiotype")
     if isinstance(value, str):
         text = value.strip()

@@ -3,22 +3,28 @@ method of the manager or a session."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import logging
 from typing import Any
 
 from aiohttp import WSMsgType, web
 from aiortc import RTCSessionDescription
 
+from avatars.avatar import AvatarNotFound, InvalidAvatarName, check_name
+from avatars.clips import ClipError, ClipExists, add_clip, check_clip_name, check_number, reload_clips
 from media.decode import AudioDecodeError
 from media.timing import SAMPLE_RATE
 from server.access import is_operator, presented_secret
-from server.errors import BadRequest, ErrorCode, LipSyncError, error_body, ok
+from server.avatar_routes import unknown_avatar
+from server.errors import BadRequest, Conflict, ErrorCode, LipSyncError, UnknownAvatar, error_body, ok
 from server.events import Closed
 from server.keys import CONFIG, MANAGER
 from server.request import (
     Body,
     field_audiotype,
     field_bool,
+    field_int,
     field_session,
     field_str,
     field_text,
@@ -43,7 +49,10 @@ async def offer(request: web.Request) -> web.Response:
     if kind != "offer":
         raise BadRequest(f"field 'type' must be 'offer', got {kind!r}")
     avatar = optional_str(body, "avatar")
-    session, answer = await manager.open(RTCSessionDescription(sdp=sdp, type="offer"), avatar, request.remote)
+    try:
+        session, answer = await manager.open(RTCSessionDescription(sdp=sdp, type="offer"), avatar, request.remote)
+    except UnknownAvatar as exc:  # say which avatars there are (and whether this one is being prepared)
+        raise unknown_avatar(request.app, avatar or manager.config.avatar, exc.msg) from None
     return ok(
         {"sessionid": session.id, "secret": session.secret},
         sdp=answer.sdp, type=answer.type, sessionid=session.id, secret=session.secret,
@@ -154,6 +163,57 @@ async def set_audiotype(request: web.Request) -> web.Response:
     body = await read_json(request)
     session = session_of(request, body)
     return ok(session.set_clip(field_audiotype(body), reinit=field_bool(body, "reinit")))
+
+
+@routes.post("/avatars/{name}/clips")
+async def post_clip(request: web.Request) -> web.Response:
+    """Add an action clip to an avatar: multipart ``clip`` (its name), ``file`` (a short video;
+    its sound is kept), optional ``number``, ``loop``, ``replace``. Open sessions on the
+    avatar can play it at once."""
+    config, manager = request.app[CONFIG], request.app[MANAGER]
+    try:
+        name = check_name(request.match_info["name"])
+    except InvalidAvatarName as exc:
+        raise BadRequest(str(exc)) from None
+    if not request.content_type.startswith("multipart/"):
+        raise BadRequest("send multipart/form-data with the fields 'clip' (its name) and 'file' (a video)")
+    form = await read_form(request)
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    clip_name = field_str(fields, "clip", max_len=64)
+    number = field_int(fields, "number") if fields.get("number") else None
+    try:  # before any work
+        check_clip_name(clip_name)
+        if number is not None:
+            check_number(number)
+    except ClipError as exc:
+        raise BadRequest(str(exc)) from None
+    loop, replace = field_bool(fields, "loop"), field_bool(fields, "replace")
+    upload = form.get("file")
+    if not isinstance(upload, web.FileField):
+        raise BadRequest("missing file field 'file' (a video: mp4, mov, webm...)", ErrorCode.MISSING_FIELD)
+    run = asyncio.get_running_loop().run_in_executor
+    data = await run(None, upload.file.read)  # at most the server's upload limit (413 past it)
+    if not data:
+        raise BadRequest("the uploaded file is empty: send a short video")
+    try:
+        avatar = manager.avatar(name)
+    except UnknownAvatar as exc:
+        raise unknown_avatar(request.app, name, exc.msg) from None
+    try:  # decoding and JPEG encoding: a few seconds of CPU, off the event loop
+        clip = await run(None, functools.partial(add_clip, config.data_dir, name, clip_name, data, number, loop, replace))
+        await run(None, reload_clips, avatar, config.data_dir)
+    except ClipExists as exc:
+        raise Conflict(str(exc)) from None
+    except ClipError as exc:
+        raise BadRequest(f"clip {clip_name!r}: {exc}") from None
+    except AvatarNotFound as exc:
+        raise unknown_avatar(request.app, name, str(exc)) from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise LipSyncError("the data directory's disk is full: free some space and add the clip again",
+                               ErrorCode.INSUFFICIENT_STORAGE) from None
+        raise
+    return ok({"avatar": name, **clip.info()})
 
 
 @routes.post("/record")

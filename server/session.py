@@ -22,6 +22,7 @@ from aiortc import RTCPeerConnection
 from aiortc.contrib.media import MediaBlackhole
 
 from avatars.avatar import Avatar
+from avatars.clips import IDLE_NUMBERS, Clip, describe_clips, find_clip
 from media.pcm import Pcm
 from pipeline.client import WorkerLink
 from pipeline.frame_ring import FrameRing
@@ -35,6 +36,11 @@ from server.speech import DEFAULT_LIMITS, SpeechFeeder, SpeechLimits
 from tts.base import TTSBackend
 
 log = logging.getLogger(__name__)
+
+
+# What the seed's README sends as ``audiotype`` ("stereo": an audio mode, not a clip):
+# accepted and ignored whatever clips the avatar has, so its example keeps working.
+SEED_AUDIO_MODES = frozenset({"stereo", "mono"})
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,6 @@ class Session:
         self.created_at = time.monotonic()
         self.last_used = self.created_at  # the last call that addressed it: idle sessions are closed
         self.peer_address: str | None = None  # who opened it
-        self.audiotype = 0
         self.closed = False
         self._recorder: Recorder | None = None
         self.last_recording: Path | None = None
@@ -109,35 +114,50 @@ class Session:
         return self.feeder.play(pcm)
 
     def interrupt(self) -> Cut:
-        """Stop speaking now."""
+        """Stop speaking now, and any action clip with it (as LiveTalking's interrupt does)."""
         last_frame = self.player.last_decided
         self.player.cut()
+        self.player.play_idle()
         return Cut(self.feeder.interrupt(), last_frame)
 
-    # ---- the idle loop ----
+    # ---- the idle loop and action clips ----
+    @property
+    def audiotype(self) -> int:
+        """What plays while silent: 0 the idle loop, else the clip's number."""
+        clip = self.player.clip
+        return clip.number if clip is not None else 0
+
     def set_clip(self, audiotype: int | str, reinit: bool) -> dict[str, object]:
-        """Choose what plays while silent: 0 the idle loop, 1..n (or a name) the avatar's
-        action clips; ``reinit`` restarts the idle loop. Returns what was done. A name that
-        is no clip of this avatar (the seed's example sends "stereo") switches nothing."""
+        """Choose what plays while silent, by number or name: 0 or 1 the idle loop (LiveTalking's
+        "normal" and "silence"), 2.. the avatar's action clips (``avatars.clips``); ``reinit``
+        restarts it. A clip chosen while speaking starts when the speech stops.
+
+        An unknown number is a 400 listing the clips. So is an unknown name on an avatar with
+        clips, except the seed's audio modes ("stereo": its README's example), which switch
+        nothing and say so; on an avatar without clips no name can mean anything, and none
+        is refused (as before clips existed)."""
         clips = self.avatar.clips
+        listing = f"its clips: {describe_clips(clips)}; 0 or 1 is the idle loop"
+        clip: Clip | None = None
         if isinstance(audiotype, str):
-            if audiotype not in clips:
+            clip = find_clip(clips, audiotype)
+            if clip is None:
+                if clips and audiotype.lower() not in SEED_AUDIO_MODES:
+                    raise BadRequest(f"avatar {self.avatar.name!r} has no action clip named {audiotype!r} ({listing})")
                 if reinit:
-                    self.player.restart_idle()
-                known = ", ".join(clips) or "none"
+                    self.player.restart()
                 return {"audiotype": audiotype, "switched": False, "reinit": reinit,
-                        "reason": f"avatar {self.avatar.name!r} has no action clip named {audiotype!r} (its clips: {known}); "
-                                  "the idle loop plays on"}
-            audiotype = clips.index(audiotype) + 1
-        if audiotype != 0 and not (1 <= audiotype <= len(clips)):
-            raise BadRequest(
-                f"audiotype {audiotype} is not a clip of avatar {self.avatar.name!r}: "
-                f"it has {len(clips)} action clip(s); 0 is the idle loop"
-            )
-        self.audiotype = audiotype
-        if reinit:
-            self.player.restart_idle()
-        return {"audiotype": audiotype, "switched": True, "reinit": reinit}
+                        "reason": f"avatar {self.avatar.name!r} has no action clip named {audiotype!r} ({listing}); "
+                                  "what played plays on"}
+        elif audiotype not in IDLE_NUMBERS:
+            clip = find_clip(clips, audiotype)
+            if clip is None:
+                raise BadRequest(f"audiotype {audiotype} is not a clip of avatar {self.avatar.name!r} ({listing})")
+        if clip is None:
+            self.player.play_idle(restart=reinit)
+            return {"audiotype": audiotype, "switched": True, "reinit": reinit, "clip": None}
+        self.player.play_clip(clip, restart=reinit)
+        return {"audiotype": clip.number, "switched": True, "reinit": reinit, "clip": clip.name}
 
     # ---- PlaybackListener: the player's news ----
     def on_playback_started(self, utterance_id: str) -> None:

@@ -125,11 +125,11 @@ async def test_a_recording_downloads_with_the_session_secret_only(h: Harness) ->
         assert resp.status == 403
 
 
-async def test_preprocess_replaces_an_avatar_only_when_asked_and_never_the_default(h: Harness) -> None:
+async def test_preprocess_replaces_an_avatar_or_the_default_only_when_asked(h: Harness) -> None:
     base = {"user_id": "u", "request_id": "r", "video_path": "nothing.mp4"}
     data_dir = Path(h.manager.config.data_dir)
     (data_dir / "clip.mp4").write_bytes(b"not read before the checks")
     status, body = await h.post("/digital_human/preprocess", {**base, "streamer_id": "default", "video_path": "clip.mp4"})
-    assert status == 403 and "built-in" in body["msg"]
+    assert status == 409 and "built-in" in body["msg"]
     status, body = await h.post("/digital_human/preprocess", {**base, "streamer_id": "tiny", "video_path": "clip.mp4"})
     assert status == 409 and "overwrite" in body["msg"]

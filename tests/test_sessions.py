@@ -194,9 +194,9 @@ async def test_set_audiotype_checks_the_clip_and_reinit_restarts_the_idle_loop(h
     sid = viewer.session.id
     await asyncio.sleep(0.2)
     status, body = await h.post("/set_audiotype", {"sessionid": sid, "audiotype": 3, "reinit": False})
-    assert status == 400 and "0 is the idle loop" in body["msg"]
+    assert status == 400 and "its clips: none; 0 or 1 is the idle loop" in body["msg"]  # 1: LiveTalking's "silence"
     status, body = await h.post("/set_audiotype", {"sessionid": sid, "audiotype": 0, "reinit": True})
-    assert status == 200 and body["data"] == {"audiotype": 0, "switched": True, "reinit": True}
+    assert status == 200 and body["data"] == {"audiotype": 0, "switched": True, "reinit": True, "clip": None}
     assert viewer.session.player.cursor <= 2
 
 

@@ -15,6 +15,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -79,9 +80,12 @@ class _Session:
 class FakeWorker:
     """A ``WorkerLink`` for ``SessionManager``; build it with ``FakeWorker.factory()``."""
 
-    def __init__(self, handler: WorkerHandler, *, fail_open: bool = False, hold_jobs: bool = False) -> None:
+    def __init__(self, handler: WorkerHandler, *, fail_open: bool = False, hold_jobs: bool = False, open_delay_s: float = 0.0) -> None:
         self.handler = handler
         self.fail_open = fail_open
+        # an engine making its material for an avatar on first use: the open, and every
+        # message behind it, waits this long (the real worker's inbox is one queue)
+        self.open_delay_s = open_delay_s
         self.hold_jobs = hold_jobs  # jobs wait until cancelled (for timeouts and DELETE)
         self.sent: list[ToWorker] = []
         self.frames_sent = 0
@@ -93,7 +97,7 @@ class FakeWorker:
         self._pump: asyncio.Task[None] | None = None
 
     @classmethod
-    def factory(cls, **options: bool) -> tuple[list[FakeWorker], Callable[[WorkerHandler], FakeWorker]]:
+    def factory(cls, **options: Any) -> tuple[list[FakeWorker], Callable[[WorkerHandler], FakeWorker]]:
         """(the workers built so far, a factory for ``create_app``)."""
         built: list[FakeWorker] = []
 
@@ -162,7 +166,10 @@ class FakeWorker:
         # swallow the cancellation that stop() sends.
         while True:
             while not self._inbox.empty():
-                self._handle(self._inbox.get_nowait())
+                msg = self._inbox.get_nowait()
+                if isinstance(msg, OpenSession) and self.open_delay_s:
+                    await asyncio.sleep(self.open_delay_s)
+                self._handle(msg)
             self._render()
             await asyncio.sleep(PUMP_S)
 

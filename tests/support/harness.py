@@ -159,11 +159,16 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def running_server(
-    data_dir: Path, tts: TTSBackend | None = None, fail_open: bool = False, hold_jobs: bool = False, **config: Any
+    data_dir: Path,
+    tts: TTSBackend | None = None,
+    fail_open: bool = False,
+    hold_jobs: bool = False,
+    open_delay_s: float = 0.0,
+    **config: Any,
 ) -> AsyncIterator[Harness]:
     tiny_avatar(data_dir)
     settings = ServerConfig(data_dir=data_dir, avatar=TINY, **config)
-    workers, factory = FakeWorker.factory(fail_open=fail_open, hold_jobs=hold_jobs)
+    workers, factory = FakeWorker.factory(fail_open=fail_open, hold_jobs=hold_jobs, open_delay_s=open_delay_s)
     speech = tts or ToneTTS()
     app = create_app(settings, worker_factory=factory, tts=speech)
     client: TestClient[Any, Any] = TestClient(TestServer(app))

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 
-from avatars.avatar import Avatar
+from avatars.avatar import Avatar, Frames
 from pipeline.engines.base import Frame, LipSyncEngine, RenderItem
 
 from .curves import F32
@@ -23,7 +22,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class _Prepared:
-    frames: npt.NDArray[np.uint8]  # (N, H, W, 3)
+    frames: Frames  # (N, H, W, 3)
     rigs: list[Rig | None]
     xs: F32  # 0..W-1 as float32
     ys: F32  # 0..H-1 as float32

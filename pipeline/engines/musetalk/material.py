@@ -274,10 +274,8 @@ def file_identity(path: Path | None) -> str:
 
 
 def _avatar_identity(avatar: Avatar) -> dict[str, str | list[int]]:
-    frames = Path(avatar.path) / "frames.npy"
-    ident = file_identity(frames) if frames.is_file() else f"{avatar.frames.shape}"
     return {
-        "frames": ident,
+        "frames": avatar.frames_identity(),
         "landmarks": hashlib.sha1(np.ascontiguousarray(avatar.landmarks).tobytes()).hexdigest(),
         "shape": list(avatar.frames.shape),
     }
