@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import inspect
 import json
 import logging
 import multiprocessing as mp
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from avatars.avatar import AVATAR_NAME_RE, avatar_dir, avatars_root, list_avatars
+from avatars.progress import Progress
 from server.errors import Conflict, NotFound, TooManyRequests
 
 log = logging.getLogger(__name__)
@@ -298,32 +298,21 @@ def run_job(conn: Connection, args: ChildArgs) -> None:
     req = args.request
     sent_at, sent_stage = 0.0, ""
 
-    def progress(p: Any) -> None:  # an avatars.progress.Progress
+    def progress(p: Progress) -> None:
         nonlocal sent_at, sent_stage
-        stage, done, total = str(getattr(p, "stage", "")), int(getattr(p, "done", 0)), int(getattr(p, "total", 0))
-        elapsed = getattr(p, "elapsed_s", None)
         now = time.monotonic()
-        if stage != sent_stage or done >= total or now - sent_at >= PROGRESS_EVERY_S:
-            sent_at, sent_stage = now, stage
-            conn.send(JobProgress(stage, done, total, None if elapsed is None else float(elapsed)))
+        if p.stage != sent_stage or p.done >= p.total or now - sent_at >= PROGRESS_EVERY_S:
+            sent_at, sent_stage = now, p.stage
+            conn.send(JobProgress(p.stage, p.done, p.total, p.elapsed_s))
 
     try:
         conn.send(JobProgress("starting"))
-        from avatars import prepare as preparation
+        from avatars.prepare import prepare  # MediaPipe and PyAV: only this process needs them
 
-        # prepare() says what it did and what to watch out for; prepare_avatar() (older) only
-        # returns the avatar. Either may lack ``progress`` and ``replace``.
-        run: Callable[..., Any] = getattr(preparation, "prepare", None) or preparation.prepare_avatar
-        accepts = inspect.signature(run).parameters
-        extra: dict[str, Any] = {k: v for k, v in req.options.items() if k in accepts}
-        if "progress" in accepts:
-            extra["progress"] = progress
-        if "replace" in accepts:
-            extra["replace"] = req.replace
-        result = run(Path(args.data_dir), req.name, req.source, **extra)
-        avatar = getattr(result, "avatar", result)
-        conn.send(JobFinished(avatar.num_frames, str(getattr(result, "action", "prepared")).lower(),
-                              tuple(str(w) for w in getattr(result, "warnings", ()))))
+        given: dict[str, Any] = {k: int(v) if k in ("fps", "max_side") else v for k, v in req.options.items()}
+        result = prepare(Path(args.data_dir), req.name, req.source, **given, replace=req.replace, progress=progress)
+        avatar = result.avatar
+        conn.send(JobFinished(avatar.num_frames, result.action.lower(), tuple(result.warnings)))
     except (ValueError, LookupError, FileNotFoundError, FileExistsError) as exc:  # the input's fault: the message says why
         conn.send(JobError(str(exc) or type(exc).__name__))
     except MemoryError:
