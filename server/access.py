@@ -8,9 +8,12 @@
 * **Session secret**: ``/offer`` issues one with every session. Addressing a session by
   its id needs the secret too (``secret`` in the body or form, ``X-Session-Secret``, or
   ``?secret=``) unless the caller holds the token, so knowing an id (from a log, an event,
-  a recording's name) is not enough to drive, record or download it. The default session
-  (``sessionid`` 0 or none: the seed's single-user clients) needs no secret; a multi-user
-  deployment turns it off (``--no-default-session``).
+  a recording's name) is not enough to drive, record or download it. ``/offer`` also sets
+  it as a ``SameSite=Strict`` cookie, so pages served here that send only ``sessionid``
+  (LiveTalking's, the seed's) drive their own session. The default session (``sessionid``
+  0 or none: the seed's single-user clients) needs no secret, and so neither does its own
+  id (anyone may address it as 0); a multi-user deployment turns it off
+  (``--no-default-session``).
 * **Origin**: a browser request from a page on another origin is refused unless that
   origin is in ``--cors-origins``; requests without an ``Origin`` header (curl, Python, the
   seed's examples) are not browsers' cross-site requests and pass. Allowed origins get
@@ -58,10 +61,20 @@ def presented_token(request: web.Request) -> str | None:
     return request.query.get("token")
 
 
-def presented_secret(request: web.Request, fields: Mapping[str, Any] | None = None) -> str | None:
+def secret_cookie(session_id: str) -> str:
+    """The cookie ``/offer`` sets with the session's secret: a page on this server (ours, or
+    LiveTalking's and the seed's, which send only ``sessionid``) then addresses its own
+    session with no code for it. ``SameSite=Strict``: never sent on cross-site requests."""
+    return f"lipsync_secret_{session_id}"
+
+
+def presented_secret(request: web.Request, fields: Mapping[str, Any] | None = None, session_id: object = None) -> str | None:
     if fields is not None and isinstance(fields.get("secret"), str):
         return str(fields["secret"])
-    return request.headers.get(SECRET_HEADER) or request.query.get("secret")
+    found = request.headers.get(SECRET_HEADER) or request.query.get("secret")
+    if found is None and isinstance(session_id, str) and session_id:
+        found = request.cookies.get(secret_cookie(session_id))
+    return found
 
 
 def is_operator(request: web.Request) -> bool:

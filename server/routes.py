@@ -15,7 +15,7 @@ from avatars.avatar import AvatarNotFound, InvalidAvatarName, check_name
 from avatars.clips import ClipError, ClipExists, add_clip, check_clip_name, check_number, reload_clips
 from media.decode import AudioDecodeError
 from media.timing import SAMPLE_RATE
-from server.access import is_operator, presented_secret
+from server.access import is_operator, presented_secret, secret_cookie
 from server.avatar_routes import unknown_avatar
 from server.errors import BadRequest, Conflict, ErrorCode, LipSyncError, UnknownAvatar, error_body, ok
 from server.events import Closed
@@ -53,15 +53,18 @@ async def offer(request: web.Request) -> web.Response:
         session, answer = await manager.open(RTCSessionDescription(sdp=sdp, type="offer"), avatar, request.remote)
     except UnknownAvatar as exc:  # say which avatars there are (and whether this one is being prepared)
         raise unknown_avatar(request.app, avatar or manager.config.avatar, exc.msg) from None
-    return ok(
+    response = ok(
         {"sessionid": session.id, "secret": session.secret},
         sdp=answer.sdp, type=answer.type, sessionid=session.id, secret=session.secret,
     )
+    response.set_cookie(secret_cookie(session.id), session.secret, httponly=True, samesite="Strict", path="/")
+    return response
 
 
 def session_of(request: web.Request, fields: Body) -> Session:
     """The session a request addresses: ``sessionid`` and, for a real id, its secret."""
-    return request.app[MANAGER].get(field_session(fields), presented_secret(request, fields), is_operator(request))
+    session_id = field_session(fields)
+    return request.app[MANAGER].get(session_id, presented_secret(request, fields, session_id), is_operator(request))
 
 
 @routes.get("/humanecho")
@@ -69,7 +72,8 @@ async def humanecho(request: web.Request) -> web.WebSocketResponse:
     manager, config = request.app[MANAGER], request.app[CONFIG]
     ws = web.WebSocketResponse(heartbeat=30, max_msg_size=256 * 1024)
     try:
-        session = manager.get(request.query.get("sessionid"), presented_secret(request), is_operator(request))
+        session_id = request.query.get("sessionid")
+        session = manager.get(session_id, presented_secret(request, session_id=session_id), is_operator(request))
     except LipSyncError as exc:
         if not ws.can_prepare(request).ok:
             raise  # a plain HTTP request: the JSON error
@@ -234,7 +238,8 @@ async def record(request: web.Request) -> web.Response:
 
 @routes.get("/record/{sessionid}")
 async def download_record(request: web.Request) -> web.FileResponse:
-    path = request.app[MANAGER].recording(request.match_info["sessionid"], presented_secret(request), is_operator(request))
+    session_id = request.match_info["sessionid"]
+    path = request.app[MANAGER].recording(session_id, presented_secret(request, session_id=session_id), is_operator(request))
     return web.FileResponse(path, headers={"Content-Disposition": f'attachment; filename="{path.name}"'})
 
 

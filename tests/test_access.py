@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiortc import RTCPeerConnection
 
 from server.errors import ErrorCode
 from tests.support.harness import Harness, running_server
@@ -30,6 +31,7 @@ async def guarded(tmp_path: Path) -> AsyncIterator[Harness]:
 
 
 async def test_knowing_a_session_id_is_not_enough_to_drive_it(h: Harness) -> None:
+    await h.viewer()  # the default session: anyone may address it as 0, so its id needs no secret either
     viewer = await h.viewer()
     sid = viewer.session.id
     async with h.client.post("/human", json={"sessionid": sid, "text": "Hijack."}) as resp:
@@ -133,3 +135,30 @@ async def test_preprocess_replaces_an_avatar_or_the_default_only_when_asked(h: H
     assert status == 409 and "built-in" in body["msg"]
     status, body = await h.post("/digital_human/preprocess", {**base, "streamer_id": "tiny", "video_path": "clip.mp4"})
     assert status == 409 and "overwrite" in body["msg"]
+
+
+async def test_the_default_sessions_own_id_needs_no_secret_as_0_needs_none(h: Harness) -> None:
+    first = await h.viewer()
+    async with h.client.post("/set_audiotype", json={"sessionid": first.session.id, "audiotype": 0}) as resp:
+        assert resp.status == 200
+
+
+async def test_a_page_sending_only_the_sessionid_drives_its_own_session_by_the_offers_cookie(h: Harness) -> None:
+    await h.viewer()  # someone else's session is the default one
+    pc = RTCPeerConnection()
+    try:
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTransceiver("audio", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        async with h.client.post("/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as resp:
+            sid = (await resp.json())["sessionid"]
+            cookie = resp.cookies[f"lipsync_secret_{sid}"]
+        assert cookie["httponly"] and cookie["samesite"] == "Strict"
+        # LiveTalking's page: {audiotype, sessionid: String(sessionid)}, and the browser's cookie
+        async with h.client.post("/set_audiotype", json={"audiotype": 0, "sessionid": str(sid)}) as resp:
+            assert resp.status == 200
+        url = str(h.client.make_url("/set_audiotype"))
+        async with aiohttp.ClientSession() as stranger, stranger.post(url, json={"audiotype": 0, "sessionid": sid}) as resp:
+            assert resp.status == 403  # the id alone, from elsewhere
+    finally:
+        await pc.close()
