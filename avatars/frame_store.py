@@ -11,14 +11,18 @@ so the avatar is held once per machine however many sessions and processes use i
 a session can start before the whole clip is decoded. The cache lives in ``/dev/shm``
 when that has room for it, else under the data directory (the page cache then holds it
 once all the same); its name carries the frames file's identity, so a re-prepared
-avatar gets a fresh cache and the stale one is removed.
+avatar gets a fresh cache and the stale one is removed. The last process to let go of a
+cache removes it.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import threading
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -111,11 +115,16 @@ class SharedFrames:
         _remove_stale(self.cache_path, name)
         fd = os.open(self.cache_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            # Every process using the cache holds a shared lock on it for as long as it does;
+            # the last one to let go removes it (``_let_go``), so no cache outlives its users.
+            fcntl.flock(fd, fcntl.LOCK_SH)
             if os.fstat(fd).st_size < size:
                 os.ftruncate(fd, size)  # sparse: pages exist once a frame is decoded into them
-        finally:
+            mm = np.frombuffer(mmap.mmap(fd, size), dtype=np.uint8)
+        except BaseException:
             os.close(fd)
-        mm = np.memmap(self.cache_path, dtype=np.uint8, mode="r+", shape=(size,))
+            raise
+        self._let_go = weakref.finalize(self, _let_go, fd, self.cache_path)
         self._flags = mm[:n]
         self._data = mm[flags_bytes:].reshape(self.shape)
         self._view = self._data.view()
@@ -168,8 +177,21 @@ class SharedFrames:
             self._prefetch.start()
 
     def drop_cache(self) -> None:
-        """Remove the cache file; processes that map it keep their pages until they unmap."""
-        self.cache_path.unlink(missing_ok=True)
+        """Let go of the cache now rather than when this object is collected: it is removed
+        if no other process uses it (those that map it keep their pages until they unmap)."""
+        self._let_go()
+
+
+def _let_go(fd: int, path: Path) -> None:
+    """Drop this process's hold on a cache, removing the file when nobody else holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # granted only when no other process holds it
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.unlink(path)
+    except OSError:
+        pass  # another process uses it: the last one removes it
+    finally:
+        os.close(fd)
 
 
 def _remove_stale(path: Path, name: str) -> None:

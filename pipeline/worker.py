@@ -338,6 +338,9 @@ class WorkerLoop(Generic[F]):
             s.ring.close()
         self.sessions.clear()
         self.engine.close()
+        for avatar in self.avatars.values():
+            avatar.release()  # a process ending through multiprocessing runs no finalizers
+        self.avatars.clear()
 
     def run(self, inbox: Queue[ToWorker]) -> None:
         parent = os.getppid()

@@ -110,10 +110,10 @@ class SessionManager:
         await self.close_all()
         if self._release is not None:
             self._release.cancel()
-        for avatar in self._avatars.values():
-            avatar.release()  # the machine's decoded-frame caches go with the server
         self.fail_jobs("the server is shutting down")
         await self.worker.stop()
+        for avatar in self._avatars.values():
+            avatar.release()  # after the worker's: the last to let go removes the decoded-frame cache
         self._decoders.shutdown(wait=False, cancel_futures=True)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

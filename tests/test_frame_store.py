@@ -1,9 +1,11 @@
 """Avatar frames compressed on disk and decoded once per machine (``avatars.frame_store``)."""
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -117,3 +119,32 @@ def test_legacy_raw_frames_still_load(tmp_path: Path) -> None:
     legacy = load_avatar(tmp_path, "clip")
     assert isinstance(legacy.frames, np.ndarray)
     assert np.array_equal(legacy.frames[4], frames[4])
+
+
+def _hold_cache_until_told(data: str, name: str, ready: Any, done: Any) -> None:
+    avatar = load_avatar(Path(data), name)
+    avatar.frames[0]
+    ready.set()
+    done.wait(30)
+
+
+def test_the_cache_is_removed_by_the_last_process_that_lets_go_of_it(tmp_path: Path) -> None:
+    avatar = _save(tmp_path)
+    assert isinstance(avatar.frames, SharedFrames)
+    cache = avatar.frames.cache_path
+    ctx = mp.get_context("spawn")
+    ready, done = ctx.Event(), ctx.Event()
+    other = ctx.Process(target=_hold_cache_until_told, args=(str(tmp_path), "clip", ready, done))
+    other.start()
+    try:
+        assert ready.wait(60)
+        avatar.release()
+        assert cache.exists(), "another process still uses it"
+    finally:
+        done.set()
+        other.join(30)
+    assert not cache.exists(), "the last user removed it on exit"
+    again = load_avatar(tmp_path, "clip")
+    del again
+    gc.collect()
+    assert not cache.exists(), "an avatar collected lets go too"

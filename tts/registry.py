@@ -12,12 +12,15 @@ from tts.base import TTSBackend, TTSError
 TTS_BACKENDS: dict[str, str] = {
     "espeak": "tts.espeak:EspeakBackend",
     "edge": "tts.edge:EdgeTTSBackend",
+    # any OpenAI-compatible /audio/speech: OpenAI, Kokoro-FastAPI, openedai-speech, LocalAI
+    "openai": "tts.openai_speech:OpenAISpeechBackend",
 }
 
 # What to install when a backend's import fails.
 _INSTALL_HINTS: dict[str, str] = {
     "espeak": "pip install espeakng-loader scipy",
     "edge": "pip install edge-tts av",
+    "openai": "pip install aiohttp av",
 }
 
 
