@@ -412,7 +412,7 @@ def test_create_tts_unknown_name_raises_value_error_naming_the_choices() -> None
 
 
 def test_create_tts_builds_backends_by_name_with_options() -> None:
-    assert tts_names() == ["espeak", "edge"]
+    assert tts_names() == ["espeak", "edge", "openai"]
     backend = create_tts("espeak", voice="en-gb", rate=150)
     assert isinstance(backend, EspeakBackend) and backend.voice == "en-gb" and backend.rate == 150
     assert isinstance(create_tts("Edge", proxy="http://127.0.0.1:9"), EdgeTTSBackend)
