@@ -17,6 +17,7 @@ cache removes it.
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import logging
 import mmap
@@ -111,8 +112,11 @@ class SharedFrames:
         frame_bytes = height * width * 3
         flags_bytes = -(-n // PAGE) * PAGE
         size = flags_bytes + n * frame_bytes
-        self.cache_path = cache_dir(data_dir, size) / f"{name}-{identity(folder)}.frames"
-        _remove_stale(self.cache_path, name)
+        # <avatar>-<its folder>-<its frames file>: a re-preparation replaces only its own
+        # folder's cache, never the same name's in another data directory
+        place = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:8]
+        self.cache_path = cache_dir(data_dir, size) / f"{name}-{place}-{identity(folder)}.frames"
+        _remove_stale(self.cache_path, f"{name}-{place}-")
         fd = os.open(self.cache_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             # Every process using the cache holds a shared lock on it for as long as it does;
@@ -194,9 +198,9 @@ def _let_go(fd: int, path: Path) -> None:
         os.close(fd)
 
 
-def _remove_stale(path: Path, name: str) -> None:
-    """Caches of earlier preparations of this avatar (another frames identity)."""
-    for old in path.parent.glob(f"{name}-*.frames"):
-        if old != path and old.name[len(name) + 1 :].count("-") == 0:
+def _remove_stale(path: Path, prefix: str) -> None:
+    """Caches of earlier preparations of this avatar in this folder (another frames identity)."""
+    for old in path.parent.glob(f"{glob.escape(prefix)}*.frames"):
+        if old != path and "-" not in old.name[len(prefix) :]:
             old.unlink(missing_ok=True)
 
