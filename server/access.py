@@ -105,7 +105,7 @@ def access_middleware(token: str | None, cors_origins: list[str]) -> Callable[..
                 "or add that origin to --cors-origins"
             )
         if request.method == "OPTIONS" and origin is not None:  # a CORS preflight from an allowed origin
-            return _with_cors(web.Response(status=204), origin)
+            return with_cors(web.Response(status=204), origin)
         holds = token is not None and (given := presented_token(request)) is not None and same(given, token)
         request[IS_OPERATOR] = holds
         if token is not None and not holds and not _is_page(request.path):
@@ -113,12 +113,12 @@ def access_middleware(token: str | None, cors_origins: list[str]) -> Callable[..
                 raise Unauthorized("this server needs its token: send 'Authorization: Bearer TOKEN' (or ?token=TOKEN)")
             raise Forbidden("the token sent is not this server's token")
         response = await handler(request)
-        return _with_cors(response, origin) if origin is not None else response
+        return with_cors(response, origin) if origin is not None else response
 
     return middleware
 
 
-def _with_cors(response: web.StreamResponse, origin: str) -> web.StreamResponse:
+def with_cors(response: web.StreamResponse, origin: str) -> web.StreamResponse:
     if not response.prepared:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS

@@ -71,6 +71,7 @@ def create_app(config: ServerConfig, worker_factory: WorkerFactory | None = None
             manager.metrics.answered(response.status)
         return response
 
+    config.chat_config()  # a bad chat setting stops the server here (ValueError), before anything starts
     middlewares = [count_errors, error_middleware, access_middleware(config.token, config.cors_origins)]
     app = web.Application(middlewares=middlewares, client_max_size=config.max_upload_bytes)
     app[CONFIG] = config

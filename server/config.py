@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.chat import ChatConfig
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
@@ -48,3 +51,31 @@ class ServerConfig:
     # which is right on a LAN and avoids aiortc's default lookup of a public STUN server.
     ice_servers: list[str] = field(default_factory=list)
     web_dir: Path = WEB_DIR
+    # Chat (POST /human type "chat"): an OpenAI-compatible chat-completions API root, e.g.
+    # http://127.0.0.1:8080/v1 (llama.cpp), http://127.0.0.1:8000/v1 (vLLM), http://127.0.0.1:11434/v1 (Ollama)
+    chat_base_url: str | None = None
+    chat_api_key: str | None = None  # sent as Authorization: Bearer; none for most local servers
+    chat_model: str = ""  # the model to ask for; empty: the server's own (llama.cpp serves the one it loaded)
+    chat_system_prompt: str | None = None  # empty: a prompt for short spoken answers (server/chat.py)
+    chat_max_history_turns: int = 8  # exchanges per session sent with each message (0: none)
+    max_viewers: int = 8  # peers watching one session (POST /offer with "watch"); more: 429
+    events_heartbeat_s: float = 15.0  # GET /events sends a comment this often, so proxies keep the stream open
+
+    def chat_config(self) -> ChatConfig | None:
+        """The chat client's configuration; None when no chat endpoint is set. ValueError
+        naming the flag for a bad value (the server does not start)."""
+        if not self.chat_base_url:
+            return None
+        from server.chat import DEFAULT_SYSTEM_PROMPT, ChatConfig  # not light: only when chat is configured
+
+        try:
+            return ChatConfig(
+                base_url=self.chat_base_url,
+                model=self.chat_model,
+                api_key=self.chat_api_key or None,
+                system_prompt=DEFAULT_SYSTEM_PROMPT if self.chat_system_prompt is None else self.chat_system_prompt,
+                max_history_turns=self.chat_max_history_turns,
+            )
+        except ValueError as exc:  # named as the flags name them
+            text = str(exc).replace("chat base_url", "--chat-base-url").replace("chat max_history_turns", "--chat-max-history-turns")
+            raise ValueError(text) from None

@@ -27,6 +27,7 @@ class ErrorCode(IntEnum):
     UNSUPPORTED_AUDIO = 1005
     PAYLOAD_TOO_LARGE = 1006
     MALFORMED_REQUEST = 1007  # not the fields: the HTTP request itself (its body's encoding, a WebSocket handshake)
+    CHAT_NOT_CONFIGURED = 1008  # type "chat" on a server without --chat-base-url
     UNKNOWN_SESSION = 1101
     UNKNOWN_AVATAR = 1102
     NOT_FOUND = 1103
@@ -36,6 +37,8 @@ class ErrorCode(IntEnum):
     TOO_MANY_SESSIONS = 1301
     WORKER_UNAVAILABLE = 1302
     TTS_FAILED = 1303
+    CHAT_FAILED = 1304  # the chat model is unreachable, refused the request or broke off
+    CHAT_TIMEOUT = 1305  # the chat model said nothing in time, or its stream stalled
     UNAUTHORIZED = 1401
     FORBIDDEN = 1403
     TOO_MANY_REQUESTS = 1429
@@ -51,6 +54,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNSUPPORTED_AUDIO: 400,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.MALFORMED_REQUEST: 400,
+    ErrorCode.CHAT_NOT_CONFIGURED: 400,
     ErrorCode.UNKNOWN_SESSION: 404,
     ErrorCode.UNKNOWN_AVATAR: 404,
     ErrorCode.NOT_FOUND: 404,
@@ -60,6 +64,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.TOO_MANY_SESSIONS: 503,
     ErrorCode.WORKER_UNAVAILABLE: 503,
     ErrorCode.TTS_FAILED: 502,
+    ErrorCode.CHAT_FAILED: 502,
+    ErrorCode.CHAT_TIMEOUT: 504,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.TOO_MANY_REQUESTS: 429,

@@ -40,6 +40,7 @@ from pipeline.messages import (
     WorkerStats,
 )
 from server.access import SECRET_HEADER, Forbidden, same
+from server.chat import ChatClient
 from server.config import ServerConfig
 from server.errors import (
     BadRequest,
@@ -84,6 +85,8 @@ class SessionManager:
     def __init__(self, config: ServerConfig, tts: TTSBackend, worker_factory: WorkerFactory) -> None:
         self.config = config
         self.tts = tts
+        chat = config.chat_config()
+        self.chat = ChatClient(chat) if chat is not None else None  # one connection pool for every session's chat
         self.worker: WorkerLink = worker_factory(self)
         self._sessions: dict[str, Session] = {}
         self._avatars: dict[str, Avatar] = {}
@@ -115,6 +118,8 @@ class SessionManager:
         for avatar in self._avatars.values():
             avatar.release()  # after the worker's: the last to let go removes the decoded-frame cache
         self._decoders.shutdown(wait=False, cancel_futures=True)
+        if self.chat is not None:
+            await self.chat.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -241,6 +246,15 @@ class SessionManager:
         log.info("session %s opened with avatar %s", session.id, session.avatar.name)
         return session, answer
 
+    async def watch(self, session: Session, offer: RTCSessionDescription, client: str | None = None) -> RTCSessionDescription:
+        """A viewer of ``session``: a receive-only peer fed by its player (no new session)."""
+        try:
+            return await session.viewers.add(offer, self.config.ice_servers, self.config.connect_timeout_s, client)
+        except LipSyncError:
+            raise
+        except Exception as exc:  # aiortc on SDP it cannot answer, as in open()
+            raise BadRequest(f"could not answer this offer: {exc}") from None
+
     async def create(self, avatar: Avatar) -> Session:
         """A session on ``avatar``, opened in the worker, with no peer yet."""
         if len(self._sessions) >= self.config.max_sessions:
@@ -254,7 +268,8 @@ class SessionManager:
         limits = SpeechLimits(self.config.max_queued_utterances, self.config.max_queued_speech_s)
         SESSION.set(session_id)  # its tasks and this request's log lines carry its id
         session = Session(
-            session_id, avatar, ring, self.tts, self.worker, self._idle_yuv.setdefault(avatar.name, {}), limits, self.metrics.observe
+            session_id, avatar, ring, self.tts, self.worker, self._idle_yuv.setdefault(avatar.name, {}), limits, self.metrics.observe,
+            chat=self.chat, max_viewers=self.config.max_viewers,
         )
         self._sessions[session_id] = session
         self.worker.send(session.open_message())
@@ -389,6 +404,8 @@ class SessionManager:
             "frames_rendered": w.frames_rendered if w else 0,
             "render_seconds": round(w.render_seconds, 3) if w else 0.0,
             "video_frames_skipped_total": self._counters.video_frames_skipped + sum(skipped.values()),
+            "viewers": sum(len(s.viewers) for s in self._sessions.values()),  # peers watching a session (POST /offer watch)
+            "chat": self.chat is not None,
         }
         if with_ids:
             out["video_frames_skipped"] = skipped

@@ -19,6 +19,7 @@ from aiohttp import web
 from avatars.clips import CLIP_NAME_RE, FIRST_NUMBER, MAX_CLIP_SECONDS
 from server.config import ServerConfig
 from server.errors import HTTP_STATUS, ErrorCode
+from server.events import EVENT_KINDS
 from server.keys import CONFIG
 from server.request import MAX_SECRET_CHARS
 
@@ -38,6 +39,7 @@ CODE_MEANING: dict[ErrorCode, str] = {
     ErrorCode.UNSUPPORTED_AUDIO: "the uploaded or named audio cannot be decoded, or is empty",
     ErrorCode.PAYLOAD_TOO_LARGE: "the body is larger than the server takes",
     ErrorCode.MALFORMED_REQUEST: "the HTTP request itself is malformed (a body that does not decode, no WebSocket upgrade)",
+    ErrorCode.CHAT_NOT_CONFIGURED: "type 'chat' on a server with no chat model (start it with --chat-base-url)",
     ErrorCode.UNKNOWN_SESSION: "no such session (or no default session)",
     ErrorCode.UNKNOWN_AVATAR: "the avatar is not prepared",
     ErrorCode.NOT_FOUND: "no such route, file, recording or output",
@@ -47,6 +49,8 @@ CODE_MEANING: dict[ErrorCode, str] = {
     ErrorCode.TOO_MANY_SESSIONS: "the server is at its session limit",
     ErrorCode.WORKER_UNAVAILABLE: "the inference worker is not running",
     ErrorCode.TTS_FAILED: "speech synthesis failed (a WebSocket error event)",
+    ErrorCode.CHAT_FAILED: "the chat model is unreachable, refused the request or broke off (its message says which)",
+    ErrorCode.CHAT_TIMEOUT: "the chat model said nothing in time, or its stream stalled",
     ErrorCode.UNAUTHORIZED: "the server has a token and none was sent",
     ErrorCode.FORBIDDEN: "a wrong token, a missing or wrong session secret, or a refused browser Origin",
     ErrorCode.TOO_MANY_REQUESTS: "a per-session or per-client bound was reached",
@@ -57,7 +61,7 @@ CODE_MEANING: dict[ErrorCode, str] = {
 STATUS_TEXT = {
     400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found", 405: "Method not allowed",
     409: "Conflict", 413: "Payload too large", 429: "Too many requests", 500: "Internal error", 502: "Bad gateway",
-    503: "Service unavailable", 507: "Insufficient storage",
+    503: "Service unavailable", 504: "Gateway timeout", 507: "Insufficient storage",
 }
 
 DESCRIPTION = """\
@@ -176,6 +180,11 @@ def _schemas(config: ServerConfig) -> dict[str, Schema]:
                 "type": {"const": "offer"},
                 "avatar": {"anyOf": [_ref("AvatarName"), {"type": "null"}],
                            "description": "a prepared avatar; the server's --avatar when absent"},
+                "watch": {"anyOf": [{"type": "string", "maxLength": 128}, {"type": "integer", "minimum": 0, "maximum": 10**18},
+                                    {"type": "null"}],
+                          "description": "watch this session (its id; 0 the default session) instead of opening one: its "
+                                         "secret (the `secret` field, X-Session-Secret, ?secret= or its cookie) or the token "
+                                         f"is needed; at most {config.max_viewers} viewers a session"},
             },
         },
         "Human": {
@@ -184,9 +193,16 @@ def _schemas(config: ServerConfig) -> dict[str, Schema]:
                 **session_fields,
                 "text": {"type": "string", "minLength": 1, "maxLength": config.max_text_chars, "pattern": "\\S",
                          "description": "what to say: long text is split into sentences, speech starts with the first"},
-                "type": {"anyOf": [{"enum": ["echo"]}, {"type": "null"}], "default": "echo",
-                         "description": "echo: speak the text as given ('chat' needs a chat backend: 400)"},
-                "interrupt": {**_ref("Flag"), "description": "cut off what the session is saying first"},
+                "type": {"anyOf": [{"enum": ["echo", "chat"]}, {"type": "null"}], "default": "echo",
+                         "description": "echo: speak the text as given; chat: send it to the chat model and speak its reply "
+                                        "sentence by sentence as it streams (400 with code 1008 when no chat model is "
+                                        "configured). A chat message while a reply is still streaming or being spoken cuts "
+                                        "that reply first."},
+                "interrupt": {**_ref("Flag"), "description": "cut off what the session is saying (and a chat reply being "
+                                                             "written) first"},
+                "voice": {"type": ["string", "null"], "maxLength": 200,
+                          "description": "the TTS voice for this text (an id from GET /voices); the server's --voice when "
+                                         "absent; an unknown one is a 400 naming some that exist, where the backend lists them"},
             },
         },
         "HumanAudio": {
@@ -255,24 +271,47 @@ def _schemas(config: ServerConfig) -> dict[str, Schema]:
             },
         },
         "WsMessage": {
-            "description": "A /humanecho message from the client: plain text to speak, or this object as JSON text.",
+            "description": "A /humanecho message from the client: plain text to speak, or this object as JSON text "
+                           "(the fields of POST /human).",
             "anyOf": [{"type": "string"},
                       {"type": "object", "required": ["text"],
                        "properties": {"text": {"type": "string", "minLength": 1, "maxLength": config.max_text_chars},
+                                      "type": {"enum": ["echo", "chat"]}, "voice": {"type": "string"},
                                       "interrupt": _ref("Flag")}}],
         },
         "WsEvent": {
-            "description": "A /humanecho event from the server (one JSON text message each). A message that is not "
-                           "valid (bad JSON, nested too deeply, a number out of range, empty text, a full queue) gets an "
-                           "`error` event and the socket stays open; when the socket cannot bind to a session it gets one "
-                           "`error` event, then the close.",
+            "description": "A session event, as /humanecho sends it (one JSON text message each) and GET /events "
+                           "(the `data` of each server-sent event, named by `event`). queued: an utterance was accepted; "
+                           "speaking_started / speaking_ended: its first / last frame was handed to the peer (ended also "
+                           "when it was cut off: `interrupted`); reply_text: a chat reply's text so far (`done` on the "
+                           "last, with `interrupted` and `error`); error: `code` and `msg`; closed: the session ended. "
+                           "Speech events carry `utterance` and, for a chat reply's sentences, `reply`. On the WebSocket "
+                           "a message that is not valid (bad JSON, nested too deeply, a number out of range, empty text, "
+                           "a full queue) gets an `error` event and the socket stays open; when the socket cannot bind to "
+                           "a session it gets one `error` event, then the close.",
             "type": "object", "required": ["event"],
             "properties": {
-                "event": {"enum": ["queued", "speaking_started", "speaking_ended", "error", "closed"]},
+                "event": {"enum": list(EVENT_KINDS)},
                 "sessionid": {"type": "string"}, "t": {"type": "number", "description": "unix seconds"},
                 "utterance": {"type": "string"}, "text": {"type": ["string", "null"]}, "source": {"enum": ["text", "audio"]},
+                "reply": {"type": "string", "description": "the chat reply (POST /human's data.reply)"},
+                "done": {"type": "boolean"},
                 "latency_ms": {"type": "number"}, "interrupted": {"type": "boolean"}, "empty": {"type": "boolean"},
                 "error": {"type": "boolean"}, "code": {"type": "integer"}, "msg": {"type": "string"},
+            },
+        },
+        "Voices": {
+            "type": "object", "required": ["backend", "default", "voices", "complete"],
+            "properties": {
+                "backend": {"type": "string", "description": "the TTS backend (--tts)"},
+                "default": {"type": ["string", "null"], "description": "the voice used when a message names none"},
+                "voices": {"type": "array", "items": {
+                    "type": "object", "required": ["id", "name"],
+                    "properties": {"id": {"type": "string", "description": "what `voice` takes"}, "name": {"type": "string"},
+                                   "language": {"type": "string"}, "gender": {"type": "string"}}}},
+                "complete": {"type": "boolean", "description": "every voice the backend takes is listed (any other is "
+                                                               "refused); false: only what is known (e.g. offline)"},
+                "note": {"type": "string"},
             },
         },
     }
@@ -298,12 +337,22 @@ def build_spec(config: ServerConfig) -> dict[str, Any]:
              **_errors(403)},
             security=OPEN, tag="pages", operation_id="index")},
         "/offer": {"post": _operation(
-            "Open a session", "A WebRTC offer in, the answer and the new session's id and secret out.",
-            {"200": _ok("the answer", {"type": "object", "required": ["sessionid", "secret"],
-                                       "properties": {"sessionid": {"type": "string"}, "secret": {"type": "string"}}},
-                        sdp={"type": "string"}, type={"const": "answer"}, sessionid={"type": "string"}, secret={"type": "string"}),
+            "Open a session, or watch one",
+            "A WebRTC offer in, the answer and the new session's id and secret out. With `watch`, no session is opened: "
+            "the answer is a receive-only peer showing the watched session (the same frames its own peer gets, not "
+            "rendered again), and `watching` is true; the viewer closing leaves the session open, the session closing "
+            "closes its viewers.",
+            {"200": {"description": "the answer", "content": _json({
+                "type": "object", "required": ["code", "msg", "data", "sdp", "type", "sessionid"],
+                "properties": {"code": {"const": 0}, "msg": {"const": "ok"}, "sdp": {"type": "string"},
+                               "type": {"const": "answer"}, "sessionid": {"type": "string"},
+                               "secret": {"type": "string", "description": "a new session's (not given to a viewer)"},
+                               "watching": {"const": True, "description": "a viewer of an existing session"},
+                               "data": {"type": "object", "required": ["sessionid"],
+                                        "properties": {"sessionid": {"type": "string"}, "secret": {"type": "string"},
+                                                       "watching": {"const": True}}}}})},
              **_errors(400, *ACCESS, 404, 413, 429, 503)},
-            security=TOKEN, parameters=[_query("token")],
+            security=SESSION, parameters=[_query("token")],
             body=_json_body("Offer", {"sdp": "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\n...", "type": "offer"}),
             operation_id="offer")},
         "/humanecho": {"get": _operation(
@@ -316,13 +365,44 @@ def build_spec(config: ServerConfig) -> dict[str, Any]:
             security=SESSION, parameters=[_query("sessionid"), _query("secret"), _query("token")],
             operation_id="humanecho") | {"x-websocket": {"client": _ref("WsMessage"), "server": _ref("WsEvent")}}},
         "/human": {"post": _operation(
-            "Say text", "Queue text for the session to speak; `interrupt` cuts off what it is saying first.",
-            {"200": _ok("queued", {"type": "object", "required": ["utterance"], "properties": {"utterance": {"type": "string"}}},
+            "Say text, or chat",
+            "echo: queue text for the session to speak (`data.utterance`). chat: send it to the chat model; its reply is "
+            "spoken sentence by sentence as it streams, and followed in the session's events (`reply_text`, and speech "
+            "events carrying `reply`). The answer comes once the model has started replying, or after a few seconds "
+            "(`data.started` false); a model that is unreachable or refuses is a 502, one that says nothing in time a "
+            "504, with its message. `interrupt` cuts off what the session is saying (and a reply being written) first.",
+            {"200": _ok("queued", {"anyOf": [
+                {"type": "object", "required": ["utterance"], "properties": {"utterance": {"type": "string"}}},
+                {"type": "object", "required": ["reply", "started"],
+                 "properties": {"reply": {"type": "string", "description": "the chat reply's id, in its events"},
+                                "started": {"type": "boolean", "description": "the model had started its reply"}}}]},
                         {"code": 0, "msg": "ok", "data": utterance}),
-             **_errors(400, *ACCESS, 404, 413, 429)},
+             **_errors(400, *ACCESS, 404, 413, 429, 502, 504)},
             security=SESSION, parameters=[_query("secret"), _query("token")],
             body=_json_body("Human", {"sessionid": sid_example, "text": "Hello! How can I help you today?", "type": "echo"}),
             operation_id="human")},
+        "/events": {"get": _operation(
+            "Follow the session's events",
+            "Server-sent events (`text/event-stream`): each event is `event: <kind>` and `data: <JSON>` (a `WsEvent`, as "
+            "the WebSocket sends it); a comment every "
+            f"{config.events_heartbeat_s:g} s keeps the stream open. It ends after `closed`. No sessionid: the default "
+            "session.",
+            {"200": {"description": "the event stream", "content": {"text/event-stream": {"schema": {
+                "type": "object", "required": ["data"],
+                "properties": {"event": {"enum": list(EVENT_KINDS)},
+                               "data": {"type": "string", "contentMediaType": "application/json"}}}}}},
+             **_errors(*ACCESS, 404)},
+            security=SESSION, parameters=[_query("sessionid"), _query("secret"), _query("token")],
+            operation_id="events")},
+        "/voices": {"get": _operation(
+            "List the voices", "What the running TTS backend offers: `voice` on /human and the WebSocket takes an `id`. "
+            "espeak lists its installed voices; edge needs the network for its list (offline: the configured voice and "
+            "a `note`); openai asks its server.",
+            {"200": _ok("the voices", _ref("Voices"), {"code": 0, "msg": "ok", "data": {
+                "backend": "espeak", "default": "en-us", "complete": True,
+                "voices": [{"id": "en-us", "name": "English (America)", "language": "en-us", "gender": "male"}]}}),
+             **_errors(*ACCESS)},
+            security=TOKEN, parameters=[_query("token")], tag="sessions", operation_id="voices")},
         "/humanaudio": {"post": _operation(
             "Say an audio file", "Upload audio for the session to speak.",
             {"200": _ok("queued", {"type": "object", "required": ["utterance", "seconds"],
@@ -341,7 +421,8 @@ def build_spec(config: ServerConfig) -> dict[str, Any]:
             security=SESSION, parameters=[_query("secret"), _query("token")],
             body=_json_body("SessionOnly", {"sessionid": sid_example}), operation_id="interrupt_talk")},
         "/is_speaking": {"post": _operation(
-            "Is it speaking?", "`data` is true from the moment speech is queued until its last frame is shown.",
+            "Is it speaking?", "`data` is true from the moment speech is queued (or a chat message is taken) until its "
+            "last frame is shown.",
             {"200": _ok("the answer", {"type": "boolean"}, {"code": 0, "msg": "ok", "data": False}),
              **_errors(400, *ACCESS, 404, 413)},
             security=SESSION, parameters=[_query("secret"), _query("token")],

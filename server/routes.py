@@ -17,6 +17,7 @@ from media.decode import AudioDecodeError
 from media.timing import SAMPLE_RATE
 from server.access import is_operator, presented_secret, secret_cookie
 from server.avatar_routes import unknown_avatar
+from server.chat_session import ChatRole, Reply
 from server.errors import BadRequest, Conflict, ErrorCode, LipSyncError, UnknownAvatar, error_body, ok
 from server.events import Closed
 from server.keys import CONFIG, MANAGER
@@ -32,12 +33,20 @@ from server.request import (
     parse_json_object,
     read_form,
     read_json,
+    show,
 )
 from server.session import Session
+from server.sse import stream_events
 
 log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
+
+# POST /human with type "chat" answers once the model has started its reply (so an endpoint
+# that is down, refuses the key or does not exist is the HTTP error itself, 502), or after
+# this long (then data.started is false, and a failure comes as an error event): it covers
+# the chat client's connect timeout, not a slow model's time to its first word.
+CHAT_ANSWER_WAIT_S = 6.0
 
 
 @routes.post("/offer")
@@ -49,6 +58,15 @@ async def offer(request: web.Request) -> web.Response:
     if kind != "offer":
         raise BadRequest(f"field 'type' must be 'offer', got {kind!r}")
     avatar = optional_str(body, "avatar")
+    watch = optional_str(body, "watch", max_len=128, allow_int=True)
+    if watch is not None:
+        # A viewer: the watched session's frames on a peer of its own; no new session.
+        if avatar is not None:
+            raise BadRequest("a viewer sees the watched session's avatar: send 'watch' or 'avatar', not both")
+        watched = request.app[MANAGER].get(watch, presented_secret(request, body, watch), is_operator(request))
+        answer = await manager.watch(watched, RTCSessionDescription(sdp=sdp, type="offer"), request.remote)
+        return ok({"sessionid": watched.id, "watching": True},
+                  sdp=answer.sdp, type=answer.type, sessionid=watched.id, watching=True)
     try:
         session, answer = await manager.open(RTCSessionDescription(sdp=sdp, type="offer"), avatar, request.remote)
     except UnknownAvatar as exc:  # say which avatars there are (and whether this one is being prepared)
@@ -102,15 +120,20 @@ async def humanecho(request: web.Request) -> web.WebSocketResponse:
                 continue
             if msg.type != WSMsgType.TEXT:
                 continue
-            # A message is plain text to speak, or {"text": ..., "interrupt": ...}; both go
-            # through the same checks as POST /human.
+            # A message is plain text to speak, or {"text": ..., "interrupt": ..., "type": ...,
+            # "voice": ...}; both go through the same checks as POST /human.
             try:
                 body = _ws_body(msg.data)
+                kind = _kind(body)
                 text = field_text(body, config.max_text_chars)
                 interrupt = field_bool(body, "interrupt")
+                voice = await _voice(request, body)
                 if session.closed:
                     break
-                session.say(text, interrupt=interrupt)  # a full queue is an error event too, not the end of the socket
+                if kind == "chat":
+                    _chat(session.chat).start(text, voice, interrupt)  # reply_text, speech and error events follow
+                else:
+                    session.say(text, interrupt=interrupt, voice=voice)  # a full queue is an error event too
             except LipSyncError as exc:
                 await ws.send_json({"event": "error", **error_body(exc.code, exc.msg)})
     finally:
@@ -125,18 +148,66 @@ def _ws_body(data: str) -> dict[str, Any]:
     return parse_json_object(data, "the JSON message")
 
 
+def _kind(body: Body) -> str:
+    kind = optional_str(body, "type") or "echo"
+    if kind not in ("echo", "chat"):
+        raise BadRequest(f"field 'type' must be 'echo' or 'chat', got {show(kind)}")
+    return kind
+
+
+def _chat(chat: ChatRole | None) -> ChatRole:
+    if chat is None:
+        raise LipSyncError(
+            "type 'chat' needs a chat model, and this server has none: start it with --chat-base-url URL "
+            "(LIPSYNC_CHAT_BASE_URL, or chat_base_url in the config file), an OpenAI-compatible API such as "
+            "http://127.0.0.1:8080/v1 (llama.cpp's llama-server), with --chat-model and --chat-api-key as that server "
+            "needs; or send the reply's text yourself with type 'echo'",
+            ErrorCode.CHAT_NOT_CONFIGURED,
+        )
+    return chat
+
+
+async def _voice(request: web.Request, body: Body) -> str | None:
+    """The ``voice`` field, checked against what the TTS backend offers where it can tell."""
+    voice = (optional_str(body, "voice", max_len=200) or "").strip()
+    if not voice:
+        return None
+    problem = await request.app[MANAGER].tts.check_voice(voice)
+    if problem is not None:
+        raise BadRequest(problem)
+    return voice
+
+
 @routes.post("/human")
 async def human(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body = await read_json(request)
     session = session_of(request, body)
-    kind = optional_str(body, "type") or "echo"
-    if kind not in ("echo", "chat"):
-        raise BadRequest(f"field 'type' must be 'echo' or 'chat', got {kind!r}")
+    kind = _kind(body)
+    text = field_text(body, config.max_text_chars)
+    interrupt = field_bool(body, "interrupt")
+    voice = await _voice(request, body)
     if kind == "chat":
-        raise BadRequest("type 'chat' needs a chat backend, which this server does not have yet; send the reply text with type 'echo'")
-    utterance = session.say(field_text(body, config.max_text_chars), interrupt=field_bool(body, "interrupt"))
+        chat = _chat(session.chat)
+        reply: Reply = chat.start(text, voice, interrupt)
+        started = await chat.wait_first(reply, CHAT_ANSWER_WAIT_S)
+        return ok({"reply": reply.id, "started": started})
+    utterance = session.say(text, interrupt=interrupt, voice=voice)
     return ok({"utterance": utterance})
+
+
+@routes.get("/events")
+async def events(request: web.Request) -> web.StreamResponse:
+    """The session's events as server-sent events (``server.sse``)."""
+    session_id = request.query.get("sessionid")
+    session = request.app[MANAGER].get(session_id, presented_secret(request, session_id=session_id), is_operator(request))
+    return await stream_events(request, session.events.subscribe(), request.app[CONFIG].events_heartbeat_s, session.closed)
+
+
+@routes.get("/voices")
+async def voices(request: web.Request) -> web.Response:
+    """The voices the running TTS backend offers; ``voice`` on /human takes their ids."""
+    return ok((await request.app[MANAGER].tts.voice_catalog()).json())
 
 
 @routes.post("/humanaudio")

@@ -5,7 +5,9 @@ A session is its roles wired together, each owning one thing:
 * ``events`` (``SessionEvents``): what listeners hear;
 * ``feeder`` (``SpeechFeeder``): speech in, PCM to the worker; owns the generation;
 * ``player`` (``SessionPlayer``): each 40 ms frame decided once; owns the idle cursor;
-* frame sinks on the player: recorders (and whatever else wants every frame).
+* frame sinks on the player: recorders (and whatever else wants every frame);
+* ``viewers`` (``Viewers``): other peers watching the same frames;
+* ``chat`` (``ChatRole``, when a chat model is configured): replies streamed and spoken.
 
 The session's own methods are what routes call; each does one thing through its roles.
 """
@@ -28,11 +30,14 @@ from pipeline.client import WorkerLink
 from pipeline.frame_ring import FrameRing
 from pipeline.messages import FrameReady, OpenSession, SessionOpened, WorkerError
 from server.access import new_secret
+from server.chat import ChatClient
+from server.chat_session import ChatRole
 from server.errors import BadRequest, Conflict, ErrorCode
 from server.events import Closed, ErrorEvent, SessionEvent, SessionEvents
 from server.player import IdleCache, SessionPlayer
 from server.recorder import Recorder
 from server.speech import DEFAULT_LIMITS, SpeechFeeder, SpeechLimits
+from server.viewers import Viewers
 from tts.base import TTSBackend
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,8 @@ class Session:
         idle_yuv: IdleCache,
         limits: SpeechLimits = DEFAULT_LIMITS,
         observer: Callable[[SessionEvent], None] | None = None,
+        chat: ChatClient | None = None,
+        max_viewers: int = 8,
     ) -> None:
         self.id = session_id
         self.secret = new_secret()  # issued with the session: its id alone does not drive it
@@ -83,6 +90,11 @@ class Session:
         self._recorder: Recorder | None = None
         self.last_recording: Path | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.viewers = Viewers(session_id, self.player, max_viewers)
+        self.chat = None if chat is None else ChatRole(
+            session_id, chat, self.events, lambda text, voice, reply: self.say(text, voice=voice, reply=reply),
+            self.interrupt, self.keep,
+        )
 
     def keep(self, task: asyncio.Task[None]) -> None:
         """Hold a background task of this session until it ends or the session closes."""
@@ -101,12 +113,15 @@ class Session:
     # ---- speech ----
     @property
     def is_speaking(self) -> bool:
-        return self.feeder.is_speaking
+        """Speech queued or on air, or a chat reply still being written (its first sentence
+        may not be queued yet, but the session is about to speak)."""
+        reply = self.chat.current if self.chat is not None else None
+        return self.feeder.is_speaking or (reply is not None and reply.in_progress)
 
-    def say(self, text: str, interrupt: bool = False) -> str:
+    def say(self, text: str, interrupt: bool = False, voice: str | None = None, reply: str | None = None) -> str:
         if interrupt:
             self.interrupt()
-        return self.feeder.say(text)
+        return self.feeder.say(text, voice, reply)
 
     def play_audio(self, pcm: Pcm, interrupt: bool = False) -> str:
         if interrupt:
@@ -114,7 +129,10 @@ class Session:
         return self.feeder.play(pcm)
 
     def interrupt(self) -> Cut:
-        """Stop speaking now, and any action clip with it (as LiveTalking's interrupt does)."""
+        """Stop speaking now, and any action clip with it (as LiveTalking's interrupt does);
+        a chat reply being written stops too (the model's stream is closed)."""
+        if self.chat is not None:
+            self.chat.cut()
         last_frame = self.player.last_decided
         self.player.cut()
         self.player.play_idle()
@@ -204,6 +222,8 @@ class Session:
         for task in list(self._tasks):
             if task is not asyncio.current_task():
                 task.cancel()
+        if self.chat is not None:
+            self.chat.close()
         self.feeder.close()
         self.events.publish(Closed())
         if self._recorder is not None:
@@ -211,6 +231,7 @@ class Session:
                 await self.end_record()
             except Exception:
                 log.exception("session %s: finishing the recording failed", self.id)
+        await self.viewers.close()
         self.player.close()
         if self.pc is not None:
             await self.pc.close()

@@ -73,13 +73,14 @@ HELP = {
     "data_dir": "avatars, weights and recordings",
     "avatar": "avatar a session gets unless /offer names one",
     "engine": "lip-sync engine: {engines} ('auto' takes MuseTalk where a GPU and its weights are present) or package.module:Class",
-    "tts": "TTS backend: espeak (offline), edge, or openai (any OpenAI-compatible /v1/audio/speech server)",
+    "tts": "TTS backend: espeak (offline), edge, openai (any OpenAI-compatible /v1/audio/speech server), or piper "
+           "(neural, offline: the optional [piper] extra)",
     "engine_options": "extra engine option, repeatable (musetalk: device=cuda dtype=bf16 max_batch=32 compile=true)",
     "tts_options": (
         "extra TTS backend option, repeatable (espeak: rate=175 pitch=50; edge: rate=+10% proxy=http://...; "
         "openai: base_url=http://127.0.0.1:8880/v1 model=kokoro api_key=...)"
     ),
-    "voice": "TTS voice (espeak: en-us, de, fr...; edge: en-US-AriaNeural...)",
+    "voice": "TTS voice (espeak: en-us, de, fr...; edge: en-US-AriaNeural...; piper: en_US-joe-medium); GET /voices lists them",
     "ice_servers": "STUN/TURN URL for the server's peer connections, repeatable; default: none, host candidates only",
     "default_session": "sessionid 0 / absent means the oldest open session; --no-default-session for multi-user deployments",
     "log_level": "DEBUG, INFO, WARNING, ERROR or CRITICAL",

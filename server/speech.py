@@ -49,6 +49,8 @@ class Utterance:
     generation: int
     text: str | None = None
     pcm: Pcm | None = None  # uploaded audio; text is synthesised when its turn comes
+    voice: str | None = None  # the TTS voice for this utterance; None: the backend's own
+    reply: str | None = None  # the chat reply it is a sentence of
     samples_sent: int = 0
     state: UtteranceState = UtteranceState.QUEUED
     queued_at: float = field(default_factory=time.monotonic)
@@ -102,14 +104,13 @@ class SpeechFeeder:
         return bool(self._utterances)
 
     # ---- in ----
-    def say(self, text: str) -> str:
-        return self._enqueue(text=text)
+    def say(self, text: str, voice: str | None = None, reply: str | None = None) -> str:
+        return self._enqueue(Utterance("", self._generation, text=text, voice=voice, reply=reply))
 
     def play(self, pcm: Pcm) -> str:
-        return self._enqueue(pcm=pcm)
+        return self._enqueue(Utterance("", self._generation, pcm=pcm))
 
-    def _enqueue(self, text: str | None = None, pcm: Pcm | None = None) -> str:
-        utt = Utterance("", self._generation, text=text, pcm=pcm)
+    def _enqueue(self, utt: Utterance) -> str:
         if len(self._utterances) >= self._limits.utterances:
             raise TooManyRequests(
                 f"this session already has {len(self._utterances)} utterances queued (at most {self._limits.utterances}): "
@@ -125,7 +126,7 @@ class SpeechFeeder:
         utt.id = f"{self.session_id}-{self._counter}"
         self._utterances[utt.id] = utt
         self._queue.put_nowait(utt)
-        self._events.publish(Queued(utt.id, text, "text" if text is not None else "audio"))
+        self._events.publish(Queued(utt.id, utt.text, "text" if utt.text is not None else "audio", utt.reply))
         return utt.id
 
     # ---- stopping ----
@@ -134,27 +135,27 @@ class SpeechFeeder:
         utterances that were cut."""
         cut = self._reset()
         self._send(Interrupt(self.session_id))
-        for utt_id in cut:
-            self._events.publish(SpeakingEnded(utt_id, interrupted=True))
-        return cut
+        for utt in cut:
+            self._events.publish(_ended(utt, interrupted=True))
+        return [utt.id for utt in cut]
 
     def worker_lost(self) -> list[str]:
         """The worker died with our speech in it: a new one knows nothing to drop."""
         cut = self._reset()
-        for utt_id in cut:
+        for utt in cut:
             self._events.publish(
-                ErrorEvent(int(ErrorCode.WORKER_UNAVAILABLE), "the inference worker restarted; speech was cut off", utt_id)
+                ErrorEvent(int(ErrorCode.WORKER_UNAVAILABLE), "the inference worker restarted; speech was cut off", utt.id, utt.reply)
             )
-            self._events.publish(SpeakingEnded(utt_id, interrupted=True))
-        return cut
+            self._events.publish(_ended(utt, interrupted=True))
+        return [utt.id for utt in cut]
 
-    def _reset(self) -> list[str]:
+    def _reset(self) -> list[Utterance]:
         self._generation += 1
         self._sent = 0  # the player's count restarts with its cut too
         if self._task is not None:
             self._task.cancel()
         self._queue = asyncio.Queue()
-        cut = list(self._utterances)
+        cut = list(self._utterances.values())
         self._utterances.clear()
         if not self._closed:
             self._task = asyncio.ensure_future(self._run())
@@ -165,8 +166,8 @@ class SpeechFeeder:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        for utt_id in list(self._utterances):
-            self._end(utt_id, SpeakingEnded(utt_id, interrupted=True))
+        for utt in list(self._utterances.values()):
+            self._end(utt, interrupted=True)
 
     # ---- from the player ----
     def started(self, utterance_id: str) -> None:
@@ -174,19 +175,21 @@ class SpeechFeeder:
         if utt is not None and utt.state is UtteranceState.QUEUED:
             utt.state = UtteranceState.SPEAKING
             latency_ms = round((time.monotonic() - utt.queued_at) * 1000, 1)
-            self._events.publish(SpeakingStarted(utterance_id, latency_ms))
+            self._events.publish(SpeakingStarted(utterance_id, latency_ms, utt.text, utt.reply))
 
     def ended(self, utterance_id: str) -> None:
-        self._end(utterance_id, SpeakingEnded(utterance_id))
+        utt = self._utterances.get(utterance_id)
+        if utt is not None:
+            self._end(utt)
 
-    def _end(self, utterance_id: str, event: SpeakingEnded) -> None:
-        if self._utterances.pop(utterance_id, None) is not None:
-            self._events.publish(event)
+    def _end(self, utt: Utterance, **flags: bool) -> None:
+        if self._utterances.pop(utt.id, None) is not None:
+            self._events.publish(_ended(utt, **flags))
 
     # ---- out ----
     async def _pcm(self, utt: Utterance) -> AsyncIterator[Pcm]:
         if utt.text is not None:
-            async for chunk in self._tts.stream(utt.text):
+            async for chunk in self._tts.stream(utt.text, utt.voice):
                 yield chunk
         elif utt.pcm is not None:
             for start in range(0, utt.pcm.size, UPLOAD_CHUNK_SAMPLES):
@@ -215,20 +218,24 @@ class SpeechFeeder:
                     utt.samples_sent += pcm.size
                     self._sent += pcm.size
                 if utt.samples_sent == 0:
-                    self._end(utt.id, SpeakingEnded(utt.id, empty=True))
+                    self._end(utt, empty=True)
                     continue
                 self._send(self._chunk(utt, silence(0), final=True))
             except TTSError as exc:
                 log.warning("session %s: TTS failed: %s", self.session_id, exc)
-                self._events.publish(ErrorEvent(int(ErrorCode.TTS_FAILED), str(exc), utt.id))
+                self._events.publish(ErrorEvent(int(ErrorCode.TTS_FAILED), str(exc), utt.id, utt.reply))
                 if utt.samples_sent:
                     self._send(self._chunk(utt, silence(0), final=True))
                 else:
-                    self._end(utt.id, SpeakingEnded(utt.id, error=True))
+                    self._end(utt, error=True)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.exception("session %s: speech failed", self.session_id)
-                self._events.publish(ErrorEvent(int(ErrorCode.INTERNAL), f"speech failed: {exc}", utt.id))
-                self._end(utt.id, SpeakingEnded(utt.id, error=True))
+                self._events.publish(ErrorEvent(int(ErrorCode.INTERNAL), f"speech failed: {exc}", utt.id, utt.reply))
+                self._end(utt, error=True)
 
+
+
+def _ended(utt: Utterance, **flags: bool) -> SpeakingEnded:
+    return SpeakingEnded(utt.id, text=utt.text, reply=utt.reply, **flags)

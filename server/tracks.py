@@ -3,6 +3,10 @@
 Both wait for the same deadlines (t0 + n x 40 ms) and number their frames from the same
 origin, so audio and video cannot drift apart and a receiver can line them up by RTP
 timestamp. Each 40 ms media frame goes out as one video frame and two 20 ms audio frames.
+
+Every track of a session reads the same player, so a viewer's tracks (``join``) get the
+very frames the session's own peer gets, decided once; they start at the frame being
+shown when they first ask, rather than replay the session from its start.
 """
 from __future__ import annotations
 
@@ -33,14 +37,16 @@ UPSAMPLE = OPUS_RATE // SAMPLE_RATE
 class AvatarVideoTrack(MediaStreamTrack):
     kind = "video"
 
-    def __init__(self, player: SessionPlayer) -> None:
+    def __init__(self, player: SessionPlayer, join: bool = False) -> None:
         super().__init__()
         self.player = player
-        self._n = 0
+        self._n: int | None = None if join else 0
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live" or self.player.closed:
             raise MediaStreamError
+        if self._n is None:
+            self._n = self.player.current_index()
         n = self._n
         await self.player.wait_until(n * FRAME_S)
         late = self.player.current_index() - n
@@ -85,15 +91,17 @@ class Upsampler:
 class AvatarAudioTrack(MediaStreamTrack):
     kind = "audio"
 
-    def __init__(self, player: SessionPlayer) -> None:
+    def __init__(self, player: SessionPlayer, join: bool = False) -> None:
         super().__init__()
         self.player = player
-        self._m = 0
+        self._m: int | None = None if join else 0
         self._upsample = Upsampler()
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live" or self.player.closed:
             raise MediaStreamError
+        if self._m is None:
+            self._m = self.player.current_index() * AUDIO_FRAMES_PER_VIDEO_FRAME
         m = self._m
         self._m += 1
         await self.player.wait_until(m * AUDIO_FRAME_S)

@@ -52,6 +52,12 @@ MODES = [GenerationMode(value) for value in ("positive", "negative")]  # schema-
 TOKEN = "fuzz-token"
 BIG_INT = "1" + "0" * 5000  # past Python's 4,300-digit int parse limit
 LONG_NAME = "a" * 300  # past the 255-byte limit of one path component
+STREAM_READ_S = 1.0
+
+
+def is_event_stream(operation: schemathesis.APIOperation) -> bool:
+    responses = operation.definition.raw.get("responses", {})
+    return any("text/event-stream" in (r.get("content") or {}) for r in responses.values() if isinstance(r, dict))
 
 
 def envelope_problem(status: int, body: bytes, content_type: str) -> str | None:
@@ -79,11 +85,14 @@ def runner(operation: schemathesis.APIOperation, mode: GenerationMode, base_url:
            examples: int, seen: Counter[str]) -> Callable[[], None]:
     """One Hypothesis test: ``examples`` cases of ``operation`` in ``mode``, each sent and checked."""
 
+    # An event stream (GET /events on the canary) never ends on its own: read a second of it.
+    timeout = STREAM_READ_S if is_event_stream(operation) else 30
+
     @settings(max_examples=examples, deadline=None, database=None, derandomize=SEED is None,
               suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case: schemathesis.Case) -> None:
-        response = case.call(base_url=base_url, session=http, allow_redirects=False, timeout=30)
+        response = case.call(base_url=base_url, session=http, allow_redirects=False, timeout=timeout)
         seen[f"{operation.label} {response.status_code}"] += 1
         problem = envelope_problem(response.status_code, response.content, content_type(response))
         assert problem is None, f"{problem}\nReproduce with: {case.as_curl_command()}"

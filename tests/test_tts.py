@@ -412,7 +412,7 @@ def test_create_tts_unknown_name_raises_value_error_naming_the_choices() -> None
 
 
 def test_create_tts_builds_backends_by_name_with_options() -> None:
-    assert tts_names() == ["espeak", "edge", "openai"]
+    assert tts_names() == ["espeak", "edge", "openai", "piper"]
     backend = create_tts("espeak", voice="en-gb", rate=150)
     assert isinstance(backend, EspeakBackend) and backend.voice == "en-gb" and backend.rate == 150
     assert isinstance(create_tts("Edge", proxy="http://127.0.0.1:9"), EdgeTTSBackend)
@@ -444,3 +444,11 @@ def test_espeak_falls_back_to_the_system_library(monkeypatch: pytest.MonkeyPatch
     library, data_path = tts.espeak._open_library()
     assert data_path is None  # a system library finds its own data
     assert hasattr(library, "espeak_Synth")
+
+
+def test_split_never_cuts_inside_numbers_or_times() -> None:
+    text = "In the year of our survey we found that the city had grown to about 12,500,000 people living there, and then more."
+    pieces = split_sentences(text)
+    assert pieces[0].endswith("12,500,000 people living there,") and pieces[1] == "and then more."
+    long = ("The meeting starts at 3:30 in the afternoon and goes on until everyone has had a say " * 4).strip() + "."
+    assert all(not p.endswith("3:") for p in split_sentences(long, max_chars=60))

@@ -21,7 +21,7 @@ from edge_tts.exceptions import EdgeTTSException
 
 from media.pcm import Pcm
 from media.timing import SAMPLE_RATE
-from tts.base import TTSBackend, TTSError
+from tts.base import TTSBackend, TTSError, VoiceCatalog, VoiceInfo
 from tts.sentences import split_sentences
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,7 @@ class EdgeTTSBackend(TTSBackend):
     """Neural voices from Microsoft Edge's read-aloud service (needs the internet)."""
 
     name = "edge"
+    voice: str  # always set: the configured voice
 
     def __init__(
         self,
@@ -174,6 +175,7 @@ class EdgeTTSBackend(TTSBackend):
         connect_timeout: float = 5.0,
         first_audio_timeout: float = 10.0,
         receive_timeout: float = 20.0,
+        list_timeout: float = 3.0,
     ) -> None:
         self.voice = voice
         self.rate = rate
@@ -185,6 +187,33 @@ class EdgeTTSBackend(TTSBackend):
         # service's answer: these bound the whole wait for the first and next message.
         self.first_audio_timeout = first_audio_timeout
         self.receive_timeout = receive_timeout
+        self.list_timeout = list_timeout
+        self._catalog: VoiceCatalog | None = None  # the service's list, once it could be had
+
+    async def voice_catalog(self) -> VoiceCatalog:
+        """The service's voices (hundreds, in every language); it needs the network. Offline,
+        or when the service does not answer within ``list_timeout``, the configured voice
+        and a note saying why, at once rather than a hang."""
+        if self._catalog is not None:
+            return self._catalog
+        try:
+            found = await asyncio.wait_for(edge_tts.list_voices(proxy=self.proxy), self.list_timeout)
+            voices = [VoiceInfo(v["ShortName"], v.get("FriendlyName") or v["ShortName"], v.get("Locale"),
+                                str(v.get("Gender", "")).lower() or None) for v in found if v.get("ShortName")]
+        except (aiohttp.ClientError, asyncio.TimeoutError, EdgeTTSException, OSError, KeyError, TypeError, ValueError) as exc:
+            detail = type(exc).__name__  # the class says enough (DNS, connect, timeout); its text carries object reprs
+            log.info("edge-tts voice list unavailable (%s: %s)", detail, exc)
+            return VoiceCatalog(self.name, self.voice, [self._configured()], note=(
+                f"the voice list needs Microsoft's online service, which did not answer ({detail}); "
+                "any of its voice names (en-US-AriaNeural, de-DE-KatjaNeural, ...) is tried as sent"))
+        if not voices:
+            return VoiceCatalog(self.name, self.voice, [self._configured()], note="the service listed no voices")
+        self._catalog = VoiceCatalog(self.name, self.voice, voices, complete=True)
+        return self._catalog
+
+    def _configured(self) -> VoiceInfo:
+        locale = "-".join(self.voice.split("-")[:2]) if self.voice.count("-") >= 2 else None  # en-US-AriaNeural: en-US
+        return VoiceInfo(self.voice, self.voice, locale)
 
     async def stream(self, text: str, voice: str | None = None) -> AsyncIterator[Pcm]:
         for piece in split_sentences(text):

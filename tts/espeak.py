@@ -23,7 +23,7 @@ import numpy as np
 from scipy.signal import resample_poly
 
 from media.pcm import Pcm, from_float, silence, to_float
-from tts.base import TTSBackend, TTSError
+from tts.base import TTSBackend, TTSError, VoiceCatalog, VoiceInfo
 from tts.sentences import split_sentences
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ _ENDPAUSE = 0x1000  # add the pause espeak itself puts after a sentence
 _RATE = 1
 _PITCH = 3
 _EE_OK = 0
+_GENDERS = {1: "male", 2: "female"}
 _RATE_RANGE = (80, 450)  # words per minute espeak accepts
 _PITCH_RANGE = (0, 100)
 
@@ -147,13 +148,19 @@ class _EspeakEngine:
 
     def language_table(self) -> dict[str, str]:
         """Language code (lower case) -> identifier of the voice that speaks it best."""
+        return {lang: identifier for lang, (identifier, _name, _gender) in self.voice_table().items()}
+
+    def voice_table(self) -> dict[str, tuple[str, str, int]]:
+        """Language code (lower case) -> (identifier, name, gender: 0 none, 1 male, 2 female)
+        of the voice that speaks it best."""
         lib = self.load()
         voices = lib.espeak_ListVoices(None)
-        best: dict[str, tuple[int, str]] = {}
+        best: dict[str, tuple[int, str, str, int]] = {}
         i = 0
         while voices[i]:
             voice = voices[i].contents
             identifier = voice.identifier.decode("utf-8", "replace")
+            name = (voice.name or b"").decode("utf-8", "replace")
             # ``languages`` is a run of [priority byte][name][NUL], ended by a 0 byte;
             # a lower priority number is a better match.
             at = voice.languages
@@ -162,9 +169,9 @@ class _EspeakEngine:
                 at += len(code) + 2
                 lang = code.decode("utf-8", "replace").lower()
                 if lang not in best or priority < best[lang][0]:
-                    best[lang] = (priority, identifier)
+                    best[lang] = (priority, identifier, name, int(voice.gender))
             i += 1
-        return {lang: identifier for lang, (_, identifier) in best.items()}
+        return {lang: (identifier, name, gender) for lang, (_, identifier, name, gender) in best.items()}
 
     def set_voice(self, voice: str) -> None:
         lib = self.load()
@@ -228,6 +235,7 @@ class EspeakBackend(TTSBackend):
     """Offline speech from espeak-ng: robotic but instant, and needs nothing online."""
 
     name = "espeak"
+    voice: str  # always set: the configured voice
 
     def __init__(self, voice: str = "en-us", rate: int = 175, pitch: int = 50) -> None:
         for label, value, (low, high) in (
@@ -239,6 +247,8 @@ class EspeakBackend(TTSBackend):
         self.voice = voice
         self.rate = rate
         self.pitch = pitch
+        self._catalog: VoiceCatalog | None = None  # the installed voices do not change: listed once
+        self._names: set[str] = set()
         self._engine = _shared_engine()
         # Fail at creation, not at the first utterance, when the library or voice is missing.
         self._engine.call_blocking(self._engine.set_voice, voice)
@@ -246,6 +256,26 @@ class EspeakBackend(TTSBackend):
     def voices(self) -> list[str]:
         """The language codes espeak-ng accepts as ``voice``."""
         return sorted(self._engine.call_blocking(self._engine.language_table))
+
+    async def voice_catalog(self) -> VoiceCatalog:
+        """espeak-ng's installed voices, one per language code (what ``voice`` takes; a
+        ``+variant`` such as ``en-us+f3`` may follow any of them)."""
+        if self._catalog is None:
+            table = await self._engine.call(self._engine.voice_table)
+            voices = [VoiceInfo(code, name.replace("_", " ") or code, code, _GENDERS.get(gender))
+                      for code, (_identifier, name, gender) in sorted(table.items())]
+            self._names = {identifier.lower() for identifier, _n, _g in table.values()} | {
+                name.lower() for _i, name, _g in table.values()}
+            self._catalog = VoiceCatalog(self.name, self.voice, voices, complete=True,
+                                         note="any voice may take a variant: en-us+f3, en-us+m2, ...")
+        return self._catalog
+
+    async def check_voice(self, voice: str) -> str | None:
+        catalog = await self.voice_catalog()
+        base = voice.partition("+")[0].strip()
+        if base.lower() in self._names:  # a voice's name or file ("gmw/en-US") works as well as its code
+            return None
+        return catalog.unknown(base)
 
     async def stream(self, text: str, voice: str | None = None) -> AsyncIterator[Pcm]:
         if len(text) > MAX_TEXT_CHARS:

@@ -26,7 +26,7 @@ from yarl import URL
 
 from media.pcm import Pcm, from_float, saturate
 from media.timing import SAMPLE_RATE
-from tts.base import TTSBackend, TTSError
+from tts.base import TTSBackend, TTSError, VoiceCatalog, VoiceInfo
 from tts.sentences import split_sentences
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "on
 OPENAI_PCM_RATE = 24_000
 RESPONSE_FORMATS = ("pcm", "wav")
 SPEED_RANGE = (0.25, 4.0)  # what OpenAI accepts
+VOICES_KEPT_S = 60.0  # a server's voice list is asked again after this
 
 _EMPTY: Pcm = np.zeros(0, np.int16)
 _WORDY = re.compile(r"\w")  # a piece with no word character ("...") has nothing to say
@@ -228,6 +229,7 @@ class OpenAISpeechBackend(TTSBackend):
     """Voices from an OpenAI-compatible speech endpoint (``POST {base_url}/audio/speech``)."""
 
     name = "openai"
+    voice: str  # always set: the configured voice
 
     def __init__(
         self,
@@ -271,6 +273,7 @@ class OpenAISpeechBackend(TTSBackend):
         self.first_audio_timeout = float(first_audio_timeout)
         self.receive_timeout = float(receive_timeout)
         self._session: aiohttp.ClientSession | None = None
+        self._catalog: tuple[float, VoiceCatalog] | None = None  # (loop time, catalog)
 
     def __repr__(self) -> str:  # the key stays out of logs
         return f"OpenAISpeechBackend(base_url={self.base_url!r}, model={self.model!r}, voice={self.voice!r})"
@@ -288,6 +291,25 @@ class OpenAISpeechBackend(TTSBackend):
     async def voices(self) -> list[str]:
         """The voices the server offers: OpenAI's fixed list, the server's
         ``GET {base_url}/audio/voices`` (Kokoro-FastAPI has one), else the configured voice."""
+        return await self._voice_names() or [self.voice]
+
+    async def voice_catalog(self) -> VoiceCatalog:
+        """``voices`` as a catalog: complete when the server (or OpenAI's fixed list) named
+        them, so an unknown voice is refused before a sentence is sent. Kept for a minute."""
+        loop = asyncio.get_running_loop()
+        if self._catalog is not None and loop.time() - self._catalog[0] < VOICES_KEPT_S:
+            return self._catalog[1]
+        names = await self._voice_names()
+        if names:
+            catalog = VoiceCatalog(self.name, self.voice, [VoiceInfo(n, n) for n in names], complete=True)
+        else:
+            catalog = VoiceCatalog(self.name, self.voice, [VoiceInfo(self.voice, self.voice)],
+                                   note=f"{self.base_url} lists no voices (no /audio/voices): any voice name is tried as sent")
+        self._catalog = (loop.time(), catalog)
+        return catalog
+
+    async def _voice_names(self) -> list[str]:
+        """The names the server lists; [] when it lists none or cannot be asked."""
         if self._url.host == OPENAI_HOST:
             return list(OPENAI_VOICES)
         url = f"{self.base_url}/audio/voices"
@@ -302,7 +324,7 @@ class OpenAISpeechBackend(TTSBackend):
                 log.info("%s answered %s with no voice list; offering the configured voice", url, response.status)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             log.info("no voice list from %s (%s); offering the configured voice", url, type(exc).__name__)
-        return [self.voice]
+        return []
 
     async def close(self) -> None:
         if self._session is not None:

@@ -14,6 +14,8 @@ TTS_BACKENDS: dict[str, str] = {
     "edge": "tts.edge:EdgeTTSBackend",
     # any OpenAI-compatible /audio/speech: OpenAI, Kokoro-FastAPI, openedai-speech, LocalAI
     "openai": "tts.openai_speech:OpenAISpeechBackend",
+    # neural voices offline; piper-tts is GPL-3.0, so an optional extra, never the default
+    "piper": "tts.piper:PiperBackend",
 }
 
 # What to install when a backend's import fails.
@@ -21,6 +23,7 @@ _INSTALL_HINTS: dict[str, str] = {
     "espeak": "pip install espeakng-loader scipy",
     "edge": "pip install edge-tts av",
     "openai": "pip install aiohttp av",
+    "piper": "pip install -e '.[piper]' (piper-tts, GPL-3.0, and the en_US-joe-medium voice package)",
 }
 
 

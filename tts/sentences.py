@@ -78,11 +78,19 @@ def _split_long(piece: str, max_chars: int) -> list[str]:
     return out
 
 
+def clause_break(text: str, i: int) -> bool:
+    """``text[i]`` ends a clause: a clause mark, and for the Latin ones (``,`` ``:``) followed
+    by a space or the end, so "12,500,000" and "3:30" are never cut."""
+    if text[i] not in _CLAUSE_MARKS:
+        return False
+    return text[i] not in ",:" or i + 1 >= len(text) or text[i + 1].isspace()
+
+
 def _cut_point(piece: str, max_chars: int) -> int:
     """Index to cut ``piece`` at so the head has at most ``max_chars`` characters."""
     window = piece[: max_chars + 1]
     # A clause cut that leaves a tiny head is worse than a cut at a space.
-    clause = max(window.rfind(mark, 0, max_chars) for mark in _CLAUSE_MARKS)
+    clause = next((i for i in range(min(max_chars, len(window)) - 1, -1, -1) if clause_break(window, i)), -1)
     if clause >= 0 and clause + 1 >= max(1, max_chars // 3):
         return clause + 1
     space = window.rfind(" ")
@@ -95,7 +103,7 @@ def _shorten_first(piece: str) -> list[str]:
     if len(piece) <= FIRST_PIECE_LONG:
         return [piece]
     for i in range(FIRST_PIECE_MIN, len(piece) - 1):
-        if piece[i] in ",，、":
+        if piece[i] in ",，、" and clause_break(piece, i):
             head, tail = piece[: i + 1].strip(), piece[i + 1 :].strip()
             return [head, tail] if tail else [head]
     return [piece]

@@ -7,6 +7,7 @@ a Python chatbot backend can use it as is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -105,7 +106,10 @@ class AvatarClient:
                 raise ApiFailure(resp.status, data)
             return data
 
-    async def connect(self, avatar: str | None = None, timeout: float = 30.0) -> str:
+    async def connect(self, avatar: str | None = None, timeout: float = 30.0, watch: str | None = None,
+                      secret: str | None = None) -> str:
+        """Open a session (or, with ``watch``, watch that one with its ``secret``) and wait
+        for the first video frame; the session's id."""
         self.http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"} if self.token else None)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates: no STUN lookup
         self.pc.addTransceiver("video", direction="recvonly")
@@ -120,9 +124,12 @@ class AvatarClient:
         body: dict[str, Any] = {"sdp": self.pc.localDescription.sdp, "type": self.pc.localDescription.type}
         if avatar:
             body["avatar"] = avatar
+        if watch is not None:
+            body["watch"] = watch
+            self.secret = secret
         answer = await self.post("/offer", body)
         self.session_id = answer["sessionid"]
-        self.secret = answer.get("secret")
+        self.secret = answer.get("secret") or self.secret
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
         if self.tap_packets:
             self._tap_audio_packets()
@@ -205,8 +212,19 @@ class AvatarClient:
             pass
 
     # ---- API ----
-    async def say(self, text: str, interrupt: bool = False) -> dict[str, Any]:
-        return await self.post("/human", {"sessionid": self.session_id, "text": text, "type": "echo", "interrupt": interrupt})
+    async def say(self, text: str, interrupt: bool = False, voice: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"sessionid": self.session_id, "text": text, "type": "echo", "interrupt": interrupt}
+        if voice is not None:
+            body["voice"] = voice
+        return await self.post("/human", body)
+
+    async def chat(self, text: str, interrupt: bool = False, voice: str | None = None) -> dict[str, Any]:
+        """Ask the server's chat model; the reply is spoken as it streams (``data.reply`` names
+        it in the events)."""
+        body: dict[str, Any] = {"sessionid": self.session_id, "text": text, "type": "chat", "interrupt": interrupt}
+        if voice is not None:
+            body["voice"] = voice
+        return await self.post("/human", body)
 
     async def interrupt(self) -> dict[str, Any]:
         return await self.post("/interrupt_talk", {"sessionid": self.session_id})
@@ -230,6 +248,17 @@ class AvatarClient:
         assert self.http is not None
         ws = await self.http.ws_connect(f"{self.base_url}/humanecho?sessionid={self.session_id}", headers=self.headers)
         return EventStream(ws)
+
+    async def sse(self) -> ServerSentEvents:
+        """``GET /events``: the session's events, each kept with its arrival time."""
+        assert self.http is not None
+        response = await self.http.get(f"{self.base_url}/events", params={"sessionid": self.session_id or ""},
+                                       headers=self.headers, timeout=aiohttp.ClientTimeout(total=None, sock_read=None))
+        if response.status != 200:
+            body = await response.json()
+            response.release()
+            raise ApiFailure(response.status, body)
+        return ServerSentEvents(response).start()
 
     async def wait_speaking(self, value: bool, timeout: float = 20.0, poll: float = 0.02) -> float:
         """Poll /is_speaking until it equals ``value``; returns the time it did."""
@@ -281,3 +310,71 @@ class EventStream:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+@dataclass
+class ArrivedEvent:
+    t: float  # arrival (time.monotonic)
+    kind: str
+    data: dict[str, Any]
+
+
+class ServerSentEvents:
+    """``GET /events`` read as it arrives: ``events`` holds every event with its arrival time,
+    ``comments`` the comment lines (heartbeats)."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+        self.events: list[ArrivedEvent] = []
+        self.comments: list[str] = []
+        self.ended = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> ServerSentEvents:
+        self._task = asyncio.ensure_future(self._read())
+        return self
+
+    async def _read(self) -> None:
+        kind, data = "message", []
+        try:
+            async for raw in self.response.content:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if line.startswith(":"):
+                    self.comments.append(line[1:].strip())
+                elif line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].removeprefix(" "))
+                elif not line and data:
+                    self.events.append(ArrivedEvent(time.monotonic(), kind, json.loads("\n".join(data))))
+                    kind, data = "message", []
+                self._changed.set()
+        except (aiohttp.ClientError, asyncio.CancelledError):
+            pass
+        finally:
+            self.ended.set()
+            self._changed.set()
+
+    def of(self, kind: str) -> list[ArrivedEvent]:
+        return [e for e in self.events if e.kind == kind]
+
+    async def until(self, predicate: Any, timeout: float = 10.0) -> ArrivedEvent:
+        """The first event (already here or still to come) for which ``predicate(event)`` holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._changed.clear()  # before looking: what arrives after the look wakes the wait
+            for event in self.events:
+                if predicate(event):
+                    return event
+            left = deadline - time.monotonic()
+            if left <= 0 or self.ended.is_set():
+                raise TimeoutError(f"no such event within {timeout} s (got {[e.kind for e in self.events]})")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.response.close()
