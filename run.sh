@@ -4,7 +4,9 @@
 #   ./run.sh              set up (virtual environment + install), then serve on :8010
 #                         with the default avatar and the CPU engine
 #   ./run.sh test [ARGS]  set up with the test extras, then lint (ruff), type-check (mypy) and run
-#                         the whole test suite (ARGS go to pytest)
+#                         the whole test suite (ARGS go to pytest), then the pipecat and LiveKit
+#                         integrations' tests, each in its own environment (integrations/NAME/.venv;
+#                         LIPSYNC_INTEGRATION_TESTS=0 leaves them out)
 #   ./run.sh bench [...]  set up, then run the benchmarks (python -m bench ...)
 #   ./run.sh gpu-check [--dry-run]
 #                         the one-call MuseTalk check for a bare GPU machine (no set-up, no
@@ -84,6 +86,26 @@ browser() {  # Debian's Chromium for the browser test (Playwright cannot downloa
     fi
 }
 
+integration_env() {  # integrations/NAME in its own venv: pipecat's and livekit's protobuf pins clash with mediapipe's
+    local dir="integrations/$1" venv="integrations/$1/.venv" want
+    want="$(sha256sum "$dir/pyproject.toml" | cut -c1-16)"
+    if [ ! -x "$venv/bin/python" ]; then
+        log "creating $venv for the $1 integration"
+        "$PYTHON" -m venv "$venv"
+    fi
+    if [ "$(cat "$venv/.lipsync-installed" 2>/dev/null)" != "$want" ]; then
+        log "installing $dir[test] into $venv"
+        "$venv/bin/python" -m pip install -q --upgrade pip
+        "$venv/bin/python" -m pip install -q -e "$dir[test]"
+        echo "$want" > "$venv/.lipsync-installed"
+    fi
+}
+
+integration_tests() {  # their own tests, against a real server from $VENV
+    log "the $1 integration's tests (integrations/$1/.venv)"
+    LIPSYNC_SERVER_PYTHON="$PY" "integrations/$1/.venv/bin/python" -m pytest -q "integrations/$1/tests"
+}
+
 case "$MODE" in
     serve)
         install ""
@@ -97,7 +119,13 @@ case "$MODE" in
         log "ruff (lint) and mypy (types of the product and tests/support)"
         "$PY" -m ruff check --quiet .
         "$PY" -m mypy
-        exec "$PY" -m pytest "$@"
+        if [ "${LIPSYNC_INTEGRATION_TESTS:-1}" = 0 ]; then
+            exec "$PY" -m pytest "$@"
+        fi
+        # the integrations' environments first: the main suite drives the LiveKit worker too
+        for name in pipecat livekit; do integration_env "$name"; done
+        "$PY" -m pytest "$@"
+        for name in pipecat livekit; do integration_tests "$name"; done
         ;;
     bench)
         install "musetalk,dev"

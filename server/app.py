@@ -13,12 +13,15 @@ from pipeline.client import WorkerClient, WorkerHandler, WorkerLink
 from pipeline.worker import WorkerConfig
 from server import logcontext
 from server.access import access_middleware
+from server.audio_stream import routes as audio_stream_routes
 from server.avatar_routes import routes as avatar_routes
 from server.avatar_routes import setup_avatars
 from server.config import ServerConfig
 from server.digital_human import routes as digital_human_routes
 from server.errors import ErrorCode, LipSyncError, error_middleware
 from server.keys import CONFIG, MANAGER
+from server.livekit.launch import launcher_for, setup_livekit
+from server.livekit.launch import routes as livekit_routes
 from server.manager import SessionManager, WorkerFactory
 from server.openapi import routes as openapi_routes
 from server.routes import routes
@@ -76,16 +79,18 @@ def create_app(config: ServerConfig, worker_factory: WorkerFactory | None = None
     app = web.Application(middlewares=middlewares, client_max_size=config.max_upload_bytes)
     app[CONFIG] = config
     app.add_routes(routes)
+    app.add_routes(audio_stream_routes)
     app.add_routes(digital_human_routes)
     setup_avatars(app)  # GET/POST /avatars, the preparation jobs
     app.add_routes(openapi_routes)
+    setup_livekit(app, launcher_for(config))  # /livekit/launch and /livekit/avatars
 
     async def index(request: web.Request) -> web.StreamResponse:
         raise web.HTTPFound("/webrtcapi.html")
 
     web_root = config.web_dir.resolve()
     methods: dict[str, set[str]] = {}  # the fixed routes and their methods
-    for table in (routes, digital_human_routes, avatar_routes, openapi_routes):
+    for table in (routes, audio_stream_routes, digital_human_routes, avatar_routes, openapi_routes, livekit_routes):
         for r in table:
             if isinstance(r, web.RouteDef) and "{" not in r.path:
                 methods.setdefault(r.path, set()).add(r.method)

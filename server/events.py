@@ -26,7 +26,7 @@ class Queued:
     kind: ClassVar[str] = "queued"
     utterance: str
     text: str | None
-    source: Literal["text", "audio"]
+    source: Literal["text", "audio", "stream"]  # stream: a segment of /audio_stream
     reply: str | None = None  # the chat reply this sentence belongs to
 
     def fields(self) -> dict[str, Any]:

@@ -293,12 +293,38 @@ def _schemas(config: ServerConfig) -> dict[str, Schema]:
             "properties": {
                 "event": {"enum": list(EVENT_KINDS)},
                 "sessionid": {"type": "string"}, "t": {"type": "number", "description": "unix seconds"},
-                "utterance": {"type": "string"}, "text": {"type": ["string", "null"]}, "source": {"enum": ["text", "audio"]},
+                "utterance": {"type": "string"}, "text": {"type": ["string", "null"]}, "source": {"enum": ["text", "audio", "stream"]},
                 "reply": {"type": "string", "description": "the chat reply (POST /human's data.reply)"},
                 "done": {"type": "boolean"},
                 "latency_ms": {"type": "number"}, "interrupted": {"type": "boolean"}, "empty": {"type": "boolean"},
                 "error": {"type": "boolean"}, "code": {"type": "integer"}, "msg": {"type": "string"},
             },
+        },
+        "AudioStreamMessage": {
+            "description": "An /audio_stream text message from the client (binary messages are raw s16le PCM, "
+                           "interleaved when stereo, any size, at the declared format). format: the PCM's rate (8000.."
+                           "48000 Hz) and channels (1 or 2), default 16000 mono, changeable between segments; "
+                           "end_of_segment: the segment is complete (LiveKit's AudioSegmentEnd); clear_buffer: stop now "
+                           "and drop what is queued (lk.clear_buffer). A segment starts with the first binary message "
+                           "after connect, end_of_segment or clear_buffer.",
+            "type": "object", "required": ["type"],
+            "properties": {"type": {"enum": ["format", "end_of_segment", "clear_buffer"]},
+                           "sample_rate": {"type": "integer", "minimum": 8000, "maximum": 48000, "default": 16000},
+                           "channels": {"enum": [1, 2], "default": 1}},
+        },
+        "AudioStreamEvent": {
+            "description": "An /audio_stream event (one JSON text message each). playback_started: the segment's first "
+                           "frame went out to the peer; playback_finished: once per segment, when it has played out "
+                           "(after end_of_segment) or was cut (clear_buffer, an interrupt: `interrupted`), with "
+                           "`playback_position` the seconds of it played (lk.playback_finished); error: bad input "
+                           "(`code`, `msg`; the socket stays open; 1429: past the session's speech limits the piece or "
+                           "segment is dropped); closed: the session ended, then the close.",
+            "type": "object", "required": ["event"],
+            "properties": {"event": {"enum": ["playback_started", "playback_finished", "error", "closed"]},
+                           "segment": {"type": "string", "description": "\"<session>-a<n>\", as the session's speech "
+                                       "events name it (`utterance`)"},
+                           "playback_position": {"type": "number", "minimum": 0}, "interrupted": {"type": "boolean"},
+                           "code": {"type": "integer"}, "msg": {"type": "string"}},
         },
         "Voices": {
             "type": "object", "required": ["backend", "default", "voices", "complete"],
@@ -364,6 +390,17 @@ def build_spec(config: ServerConfig) -> dict[str, Any]:
              **_errors(400, *ACCESS, 404)},
             security=SESSION, parameters=[_query("sessionid"), _query("secret"), _query("token")],
             operation_id="humanecho") | {"x-websocket": {"client": _ref("WsMessage"), "server": _ref("WsEvent")}}},
+        "/audio_stream": {"get": _operation(
+            "Stream audio in (voice agents)",
+            "A WebSocket (`Upgrade: websocket`) bound to a session, with LiveKit's avatar semantics: raw PCM in binary "
+            "messages, grouped into segments (`AudioStreamMessage`), played as it arrives with the lips from the audio "
+            "arrived so far; `playback_started`/`playback_finished` back (`AudioStreamEvent`). Each segment is also an "
+            "utterance of the session's events (`source` \"stream\"). Access as for /humanecho; no sessionid: the "
+            "default session. A plain HTTP GET gets the JSON error.",
+            {"101": {"description": "the WebSocket; messages: binary PCM and AudioStreamMessage in, AudioStreamEvent out"},
+             **_errors(400, *ACCESS, 404)},
+            security=SESSION, parameters=[_query("sessionid"), _query("secret"), _query("token")],
+            operation_id="audio_stream") | {"x-websocket": {"client": _ref("AudioStreamMessage"), "server": _ref("AudioStreamEvent")}}},
         "/human": {"post": _operation(
             "Say text, or chat",
             "echo: queue text for the session to speak (`data.utterance`). chat: send it to the chat model; its reply is "
@@ -535,6 +572,7 @@ def build_spec(config: ServerConfig) -> dict[str, Any]:
             security=TOKEN, parameters=[_query("token")], tag="server", operation_id="stats")},
         **_avatar_paths(config),
         **_clip_paths(config),
+        **_livekit_paths(),
         OPENAPI_PATH: {"get": _operation(
             "This document", "The OpenAPI description of this server.",
             {"200": {"description": "the document", "content": _json({"type": "object", "required": ["openapi", "paths"]})},
@@ -545,7 +583,8 @@ def build_spec(config: ServerConfig) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "Real-Time Lip Sync", "version": VERSION, "description": DESCRIPTION},
         "servers": [{"url": "/"}],
-        "tags": [{"name": "sessions"}, {"name": "avatars"}, {"name": "digital_human"}, {"name": "server"}, {"name": "pages"}],
+        "tags": [{"name": "sessions"}, {"name": "avatars"}, {"name": "digital_human"}, {"name": "server"}, {"name": "livekit"},
+                 {"name": "pages"}],
         "paths": paths,
         "components": {
             "schemas": _schemas(config),
@@ -738,4 +777,46 @@ def _clip_paths(config: ServerConfig) -> dict[str, Schema]:
             body={"required": True, "content": {"multipart/form-data": {
                 "schema": _ref("AddClip"), "encoding": {"file": {"contentType": "application/octet-stream"}}}}},
             tag="avatars", operation_id="add_clip")},
+    }
+
+
+# ---- LiveKit avatars (server/livekit/launch.py) ----
+
+
+def _livekit_paths() -> dict[str, Schema]:
+    avatar: Schema = {"type": "object", "required": ["id", "state"], "properties": {
+        "id": {"type": "string"}, "room": {"type": ["string", "null"]}, "livekit_url": {"type": "string"},
+        "avatar": {"type": ["string", "null"]}, "pid": {"type": "integer"}, "exit_code": {"type": ["integer", "null"]},
+        "state": {"enum": ["starting", "connecting", "joined", "running", "ended", "failed", "stopped"]},
+        "error": {"type": ["string", "null"]}, "started_at": {"type": "number"}}}
+    launch: Schema = {"type": "object", "required": ["livekit_url", "token"], "properties": {
+        "livekit_url": {"type": "string", "pattern": "^(wss?|https?)://", "maxLength": 2048,
+                        "description": "the LiveKit server (wss://...)"},
+        "token": {"type": "string", "minLength": 1, "maxLength": 16384,
+                  "description": "a token for the avatar's identity whose attribute lk.publish_on_behalf names the agent"},
+        "room": {"type": "string", "maxLength": 256, "description": "the room's name, for the listing (the token decides)"},
+        "avatar": {"type": "string", "maxLength": 128, "description": "this server's avatar to show (default: the server's)"}}}
+    avatar_id: Schema = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
+    return {
+        "/livekit/launch": {"post": _operation(
+            "Start a LiveKit avatar", "One worker process joins the room as the agent's avatar, renders the agent's speech "
+            "here and publishes avatar_video/avatar_audio. 503 (1302) when the worker's own environment is not installed; "
+            "429 past LIPSYNC_LIVEKIT_MAX_AVATARS.",
+            {"200": _ok("the avatar, starting", avatar), **_errors(400, *ACCESS, 413, 429, 503)},
+            security=TOKEN, parameters=[_query("token")], body={"required": True, "content": _json(launch)},
+            tag="livekit", operation_id="livekit_launch")},
+        "/livekit/avatars": {"get": _operation(
+            "LiveKit avatars", "Those running and the last ones that ended (with their error).",
+            {"200": _ok("the avatars", {"type": "object", "required": ["avatars", "alive", "max"], "properties": {
+                "avatars": {"type": "array", "items": avatar}, "alive": {"type": "integer"}, "max": {"type": "integer"}}}),
+             **_errors(*ACCESS)},
+            security=TOKEN, parameters=[_query("token")], tag="livekit", operation_id="livekit_avatars")},
+        "/livekit/avatars/{id}": {
+            "get": _operation("A LiveKit avatar", "Its state and error.", {"200": _ok("the avatar", avatar), **_errors(*ACCESS, 404)},
+                              security=TOKEN, parameters=[avatar_id, _query("token")], tag="livekit", operation_id="livekit_avatar"),
+            "delete": _operation("Stop a LiveKit avatar", "It leaves the room (SIGINT, then SIGKILL after 5 s).",
+                                 {"200": _ok("the avatar, stopped", avatar), **_errors(*ACCESS, 404)},
+                                 security=TOKEN, parameters=[avatar_id, _query("token")], tag="livekit",
+                                 operation_id="livekit_stop"),
+        },
     }

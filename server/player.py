@@ -46,6 +46,10 @@ KEEP_FRAMES = 50  # decided frames kept for the slower track
 FADE_FRAMES = 5  # a switch blends the old picture into the new over this many frames (200 ms)
 # I420 of idle frames kept per avatar, shared by its sessions: all of a short avatar; of
 # 30 s of 1080p (3.1 GB as I420) the first frames, the rest converted as they play (~2 ms)
+# A streamed utterance (``hold_start``) starts, and after running dry resumes, only once
+# this many of its frames are rendered (or its last one is): 40-80 ms of margin against audio
+# that arrives at real time with jitter, instead of a stutter of single frames.
+STREAM_START_FRAMES = 2
 IDLE_YUV_BYTES = 256 * 2**20
 CLIP_YUV_BYTES = 128 * 2**20  # I420 kept per clip; the rest of a long HD clip is converted as it plays
 
@@ -114,6 +118,8 @@ class SessionPlayer:
         self._last_image: Image | None = None
         self._fade_from: Image | None = None  # the picture a cross-fade starts from
         self._fade_step = 0
+        self._held: set[str] = set()  # streamed utterances that play from a start buffer
+        self._flowing: str | None = None  # the held utterance playing now, not run dry since it started
 
     # ---- clock ----
     def start_clock(self) -> float:
@@ -190,12 +196,31 @@ class SessionPlayer:
             return
         self._pending.append(msg)
 
+    def hold_start(self, utterance_id: str) -> None:
+        """Play ``utterance_id`` (audio still arriving) from a start buffer: its first frame
+        waits until ``STREAM_START_FRAMES`` are rendered, and so does the next one after
+        it runs dry; meanwhile idle frames, silent, inside the utterance."""
+        self._held.add(utterance_id)
+
+    def _may_play(self) -> bool:
+        """The next rendered frame may go out now (a held utterance's start buffer is full)."""
+        head = self._pending[0].utterance_id
+        if head not in self._held or head == self._flowing:
+            return True
+        buffered = [m for m in self._pending if m.utterance_id == head]
+        if len(buffered) >= STREAM_START_FRAMES or buffered[-1].last:
+            self._flowing = head
+            return True
+        return False
+
     def cut(self) -> None:
         """Drop every speaking frame not yet shown, and silence the frame on air (it may
         still have 20 ms of speech to send). The speech feeder reports the cut utterances."""
         while self._pending:
             self._release(self._pending.popleft().slot)
         self.speech_shown = 0
+        self._held.clear()
+        self._flowing = None
         if self._speaking is not None:
             self._speaking = None
             current = self._frames.get(self._decided)
@@ -227,7 +252,9 @@ class SessionPlayer:
         return found
 
     def _decide(self, n: int) -> MediaFrame:
-        if self._pending and not self.closed:
+        if not self._pending:
+            self._flowing = None  # ran dry: a held utterance buffers again before it resumes
+        if self._pending and not self.closed and self._may_play():
             msg = self._pending.popleft()
             image = self.ring.view(msg.slot).copy()
             self.ring.release(msg.slot)
@@ -243,6 +270,8 @@ class SessionPlayer:
                     self._listener.on_playback_started(msg.utterance_id)
             if msg.last:
                 self._speaking = None
+                self._held.discard(msg.utterance_id)
+                self._flowing = None
                 self._notify_ended(msg.utterance_id)
             return self._shown(n, image, msg.audio, msg.utterance_id, SPEECH, None)
         if self._clip is not None and (self._clip.shown or self._speaking is None):

@@ -85,13 +85,14 @@ def session_of(request: web.Request, fields: Body) -> Session:
     return request.app[MANAGER].get(session_id, presented_secret(request, fields, session_id), is_operator(request))
 
 
-@routes.get("/humanecho")
-async def humanecho(request: web.Request) -> web.WebSocketResponse:
-    manager, config = request.app[MANAGER], request.app[CONFIG]
-    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=256 * 1024)
+async def bind_websocket(request: web.Request, ws: web.WebSocketResponse) -> Session | None:
+    """The session a WebSocket addresses (``?sessionid=``, its secret or cookie, the token;
+    none: the default session), with the socket prepared. None when it cannot bind: a
+    WebSocket client got one ``error`` event and the close; a plain HTTP GET raises the
+    JSON error."""
     try:
         session_id = request.query.get("sessionid")
-        session = manager.get(session_id, presented_secret(request, session_id=session_id), is_operator(request))
+        session = request.app[MANAGER].get(session_id, presented_secret(request, session_id=session_id), is_operator(request))
     except LipSyncError as exc:
         if not ws.can_prepare(request).ok:
             raise  # a plain HTTP request: the JSON error
@@ -99,10 +100,21 @@ async def humanecho(request: web.Request) -> web.WebSocketResponse:
         await ws.prepare(request)
         await ws.send_json({"event": "error", **error_body(exc.code, exc.msg)})
         await ws.close()
-        return ws
+        return None
     if not ws.can_prepare(request).ok:
-        raise BadRequest("/humanecho is a WebSocket: connect with a WebSocket client (Upgrade: websocket)", ErrorCode.MALFORMED_REQUEST)
+        raise BadRequest(f"{request.path} is a WebSocket: connect with a WebSocket client (Upgrade: websocket)",
+                         ErrorCode.MALFORMED_REQUEST)
     await ws.prepare(request)
+    return session
+
+
+@routes.get("/humanecho")
+async def humanecho(request: web.Request) -> web.WebSocketResponse:
+    config = request.app[CONFIG]
+    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=256 * 1024)
+    session = await bind_websocket(request, ws)
+    if session is None:
+        return ws
 
     events = session.events.subscribe()
 

@@ -36,7 +36,7 @@ from server.errors import BadRequest, Conflict, ErrorCode
 from server.events import Closed, ErrorEvent, SessionEvent, SessionEvents
 from server.player import IdleCache, SessionPlayer
 from server.recorder import Recorder
-from server.speech import DEFAULT_LIMITS, SpeechFeeder, SpeechLimits
+from server.speech import DEFAULT_LIMITS, SpeechFeeder, SpeechLimits, StreamedPcm
 from server.viewers import Viewers
 from tts.base import TTSBackend
 
@@ -127,6 +127,13 @@ class Session:
         if interrupt:
             self.interrupt()
         return self.feeder.play(pcm)
+
+    def stream_audio(self) -> tuple[str, StreamedPcm]:
+        """A streamed segment (``/audio_stream``): queued now, its audio pushed as it arrives
+        (``feeder.push_stream``), played from the player's start buffer."""
+        segment, source = self.feeder.stream()
+        self.player.hold_start(segment)
+        return segment, source
 
     def interrupt(self) -> Cut:
         """Stop speaking now, and any action clip with it (as LiveTalking's interrupt does);

@@ -7,9 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Literal
+
+import numpy as np
 
 from media.pcm import Pcm, silence
 from media.timing import SAMPLE_RATE
@@ -22,6 +26,9 @@ log = logging.getLogger(__name__)
 
 START_LEAD_FRAMES = 2  # frames between sending speech and its first frame being shown
 UPLOAD_CHUNK_SAMPLES = SAMPLE_RATE  # uploaded audio goes to the worker a second at a time
+# a streamed segment's first frame waits for the player's start buffer and the engine's
+# look-ahead: drawing it this much further along the idle loop keeps the motion continuous
+STREAM_LEAD_FRAMES = 2
 AHEAD_S = 8.0  # speech sent to the worker but not shown yet: beyond this the feeder waits
 AHEAD_POLL_S = 0.05
 TEXT_SECONDS_PER_CHAR = 0.08  # a generous estimate of speech per character, to bound queued text
@@ -38,6 +45,44 @@ class SpeechLimits:
 DEFAULT_LIMITS = SpeechLimits()
 
 
+class StreamedPcm:
+    """A streamed segment's audio as it arrives (``/audio_stream``): 16 kHz pieces in, read
+    by the feeder in order as they come, until ``end``. What is held here has not been sent
+    to the worker yet, so it counts against the session's queued speech."""
+
+    def __init__(self) -> None:
+        self._pieces: deque[Pcm] = deque()
+        self.pending = 0  # samples held, not yet read
+        self.received = 0  # samples in all
+        self.ended = False
+        self._arrived = asyncio.Event()
+
+    def push(self, pcm: Pcm) -> None:
+        if pcm.size and not self.ended:
+            self._pieces.append(pcm)
+            self.pending += pcm.size
+            self.received += pcm.size
+            self._arrived.set()
+
+    def end(self) -> None:
+        self.ended = True
+        self._arrived.set()
+
+    async def pieces(self) -> AsyncIterator[Pcm]:
+        """What has arrived, as it arrives (several pieces waiting go as one), until the end."""
+        while True:
+            if self._pieces:
+                out = np.concatenate(self._pieces) if len(self._pieces) > 1 else self._pieces[0]
+                self._pieces.clear()
+                self.pending = 0
+                yield out
+                continue
+            if self.ended:
+                return
+            self._arrived.clear()
+            await self._arrived.wait()
+
+
 class UtteranceState(Enum):
     QUEUED = "queued"
     SPEAKING = "speaking"
@@ -49,6 +94,7 @@ class Utterance:
     generation: int
     text: str | None = None
     pcm: Pcm | None = None  # uploaded audio; text is synthesised when its turn comes
+    stream: StreamedPcm | None = None  # streamed audio (/audio_stream), sent on as it arrives
     voice: str | None = None  # the TTS voice for this utterance; None: the backend's own
     reply: str | None = None  # the chat reply it is a sentence of
     samples_sent: int = 0
@@ -57,7 +103,10 @@ class Utterance:
 
     @property
     def seconds(self) -> float:
-        """Its length: exact for audio, estimated for text not yet synthesised."""
+        """Its length: exact for audio, estimated for text not yet synthesised; for a
+        stream, what has arrived and is not sent on yet."""
+        if self.stream is not None:
+            return self.stream.pending / SAMPLE_RATE
         if self.pcm is not None:
             return self.pcm.size / SAMPLE_RATE
         return len(self.text or "") * TEXT_SECONDS_PER_CHAR
@@ -84,6 +133,7 @@ class SpeechFeeder:
         self._sent = 0  # speech samples sent to the worker since the last cut
         self._generation = 0
         self._counter = 0
+        self._streams = 0  # streamed segments so far: their ids are "<session>-a<n>"
         self._utterances: dict[str, Utterance] = {}
         self._queue: asyncio.Queue[Utterance] = asyncio.Queue()
         self._closed = False
@@ -110,23 +160,48 @@ class SpeechFeeder:
     def play(self, pcm: Pcm) -> str:
         return self._enqueue(Utterance("", self._generation, pcm=pcm))
 
+    def stream(self) -> tuple[str, StreamedPcm]:
+        """A streamed segment, queued like any utterance (``"<session>-a<n>"``); its audio is
+        pushed with ``push_stream`` as it arrives and it ends with ``StreamedPcm.end``."""
+        self._streams += 1
+        source = StreamedPcm()
+        utt = Utterance(f"{self.session_id}-a{self._streams}", self._generation, stream=source)
+        return self._enqueue(utt), source
+
+    def push_stream(self, source: StreamedPcm, pcm: Pcm) -> None:
+        """More audio of a streamed segment; refused (TooManyRequests) past the session's
+        limit of queued speech."""
+        queued = self._queued_seconds()
+        if queued + pcm.size / SAMPLE_RATE > self._limits.seconds:
+            raise TooManyRequests(
+                f"this session would have {queued + pcm.size / SAMPLE_RATE:.0f} s of speech queued (at most "
+                f"{self._limits.seconds:.0f} s): this piece was dropped; send no faster than the avatar speaks "
+                "once that much is queued, or clear_buffer"
+            )
+        source.push(pcm)
+
+    def _queued_seconds(self) -> float:
+        """Speech held here, not yet sent to the worker: what the limit bounds."""
+        return sum(u.seconds for u in self._utterances.values() if u.samples_sent == 0 or u.stream is not None)
+
     def _enqueue(self, utt: Utterance) -> str:
         if len(self._utterances) >= self._limits.utterances:
             raise TooManyRequests(
                 f"this session already has {len(self._utterances)} utterances queued (at most {self._limits.utterances}): "
                 "wait for them to be spoken, or interrupt"
             )
-        queued = sum(u.seconds for u in self._utterances.values() if u.samples_sent == 0)
+        queued = self._queued_seconds()
         if queued + utt.seconds > self._limits.seconds:
             raise TooManyRequests(
                 f"this session would have {queued + utt.seconds:.0f} s of speech queued (at most {self._limits.seconds:.0f} s): "
                 "wait for it to be spoken, or interrupt"
             )
         self._counter += 1
-        utt.id = f"{self.session_id}-{self._counter}"
+        utt.id = utt.id or f"{self.session_id}-{self._counter}"
         self._utterances[utt.id] = utt
         self._queue.put_nowait(utt)
-        self._events.publish(Queued(utt.id, utt.text, "text" if utt.text is not None else "audio", utt.reply))
+        source: Literal["text", "audio", "stream"] = "text" if utt.text is not None else "stream" if utt.stream is not None else "audio"
+        self._events.publish(Queued(utt.id, utt.text, source, utt.reply))
         return utt.id
 
     # ---- stopping ----
@@ -191,6 +266,9 @@ class SpeechFeeder:
         if utt.text is not None:
             async for chunk in self._tts.stream(utt.text, utt.voice):
                 yield chunk
+        elif utt.stream is not None:
+            async for piece in utt.stream.pieces():
+                yield piece
         elif utt.pcm is not None:
             for start in range(0, utt.pcm.size, UPLOAD_CHUNK_SAMPLES):
                 yield utt.pcm[start : start + UPLOAD_CHUNK_SAMPLES]
@@ -213,7 +291,8 @@ class SpeechFeeder:
                     # polled: the player would otherwise need a callback per frame for this
                     while self._sent - self._shown() > AHEAD_S * SAMPLE_RATE:  # noqa: ASYNC110
                         await asyncio.sleep(AHEAD_POLL_S)
-                    start = self._cursor() + START_LEAD_FRAMES if utt.samples_sent == 0 else 0
+                    lead = START_LEAD_FRAMES + (STREAM_LEAD_FRAMES if utt.stream is not None else 0)
+                    start = self._cursor() + lead if utt.samples_sent == 0 else 0
                     self._send(self._chunk(utt, pcm, start_cursor=start))
                     utt.samples_sent += pcm.size
                     self._sent += pcm.size

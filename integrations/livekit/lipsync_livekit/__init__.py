@@ -1,0 +1,1 @@
+"""Real-Time Lip Sync as a LiveKit avatar worker (``python -m lipsync_livekit``)."""
