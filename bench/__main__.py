@@ -1,4 +1,4 @@
-"""``python -m bench [cpu|realtime|musetalk|encode|browser|avatar|load|gpu-check|all]``: the project's benchmarks, each printing a table."""
+"""``python -m bench [cpu|realtime|stream|musetalk|encode|browser|avatar|load|gpu-check|all]``: the benchmarks, each printing a table."""
 from __future__ import annotations
 
 import importlib
@@ -8,6 +8,7 @@ import sys
 BENCHES = {
     "cpu": ("bench.cpu_engine_bench", "CPU engine frames/s at 512x512 and 1280x720"),
     "realtime": ("bench.realtime_bench", "latency, interrupt, A/V offset and session capacity at a WebRTC client"),
+    "stream": ("bench.stream_bench", "/audio_stream at real time: first piece -> speech, heard whole, lip-sync, clear_buffer -> silence"),
     "musetalk": ("bench.musetalk_bench", "MuseTalk frames/s by batch, ms per stage, TFLOP/s (GPU when present)"),
     "features": ("bench.features_bench", "MuseTalk audio features while audio still arrives vs the whole utterance's; Whisper pass ms"),
     "encode": ("bench.encoder_bench", "aiortc VP8/H.264 encode ms, frames/s with 1 and 2 sessions in parallel, sessions per core"),

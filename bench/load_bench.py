@@ -40,7 +40,7 @@ import tempfile
 import time
 import wave
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -659,6 +659,26 @@ def _mix(text: str) -> dict[str, float]:
     return out
 
 
+async def capacity(url: str, opts: LoadOptions, server_pid: int | None, most: int, seconds: float) -> list[list[Any]]:
+    """Per-machine capacity: 1, 2, ... speaking sessions that stay the whole run, until the
+    bar (text -> first audio p95 <= 250 ms, no video gap > 100 ms on the wire, no failure)
+    is missed twice in a row; one table row per count."""
+    rows: list[list[Any]] = []
+    misses = 0
+    for k in range(1, most + 1):
+        trial = replace(opts, clients=k, speaking=k, seconds=seconds, session_seconds=0.0, settle_s=3.0, warmup=k == 1)
+        s = summarize(await run_load(url, trial, server_pid))
+        p95 = _pct(s["latency"]["text_ms"], 95)
+        met = p95 <= 250 and s["gaps_wire"] == 0 and not s["failed"]
+        rows.append([k, _ms(_pct(s["latency"]["text_ms"], 50)), _ms(p95), s["gaps_wire"], _ms(s["max_gap_wire_ms"]),
+                     s["skipped_by_server"], f"{s['cpu_server']:.0f} / {s['cpu_worker']:.0f} / {s['cpu_clients']:.0f}",
+                     f"{s['cpu_machine']:.0f}", "yes" if met else "no"])
+        misses = 0 if met else misses + 1
+        if misses == 2:
+            break
+    return rows
+
+
 def _pair(text: str) -> tuple[float, float]:
     lo, _, hi = text.partition(",")
     return float(lo), float(hi or lo)
@@ -682,6 +702,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="data dir of the server started (default: a temporary one)")
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for the server started (repeatable)")
     p.add_argument("--json", type=Path, default=None, help="write the whole report, every sample included, here")
+    p.add_argument("--capacity", type=int, default=0, metavar="MAX",
+                   help="instead: 1, 2, ... MAX speaking sessions for --seconds each, until the bar is missed twice; "
+                        "the most that meet it is this machine's capacity (the server's --avatar sets the resolution)")
 
 
 def options_from(args: argparse.Namespace) -> LoadOptions:
@@ -694,6 +717,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from tests.support.server_process import ServerProcess
 
     opts = options_from(args)
+    if args.capacity:
+        return await _run_capacity(args, opts)
     if args.url:
         report = await run_load(args.url, opts, args.server_pid)
     else:
@@ -707,6 +732,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         args.json.write_text(json.dumps(report, default=str))
         print(f"\nreport with every sample: {args.json}")
     return report
+
+
+async def _run_capacity(args: argparse.Namespace, opts: LoadOptions) -> dict[str, Any]:
+    from tests.support.server_process import ServerProcess
+
+    seconds = args.seconds if args.seconds != LoadOptions().seconds else 30.0
+    if args.url:
+        rows = await capacity(args.url, opts, args.server_pid, args.capacity, seconds)
+    else:
+        data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="lipsync-load-"))
+        server_args = ["--max-sessions", str(args.capacity + 2), "--log-level", "WARNING", *args.server_arg]
+        with ServerProcess(data_dir, *server_args) as server:
+            rows = await capacity(server.url, opts, server.proc.pid, args.capacity, seconds)
+    print_table(
+        f"Capacity: speaking sessions held for {seconds:.0f} s each, clients on this machine too "
+        f"({os.cpu_count()} cores; server args: {' '.join(args.server_arg) or 'defaults'})",
+        ["speaking sessions", "text -> audio p50 ms", "p95 ms (bar 250)", "gaps > 100 ms", "max gap ms",
+         "frames skipped", "CPU % server / worker / clients", "machine %", "meets the bar"],
+        rows,
+    )
+    best = max((r[0] for r in rows if r[-1] == "yes"), default=0)
+    print(f"\ncapacity of this machine: {best} speaking session(s) meet the bar "
+          "(the clients' own CPU is in the figures: on a server without them it holds more)")
+    return {"capacity": best, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> None:

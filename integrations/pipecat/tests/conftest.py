@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "testing"))  # the integrations' shared server helper
 from serverproc import SERVER_PYTHON, Server
 
 

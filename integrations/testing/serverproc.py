@@ -1,5 +1,5 @@
 """Start the repository's server (``python -m server``, from the main environment) for the
-integration's tests: this environment has pipecat, not the server's packages."""
+integrations' tests (pipecat, LiveKit): their environments have the framework, not the server's packages."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]  # the repository
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 # the main environment's python (./run.sh makes it; LIPSYNC_VENV as in run.sh), relative to the repository
 SERVER_PYTHON = ROOT / (os.environ.get("LIPSYNC_SERVER_PYTHON") or Path(os.environ.get("LIPSYNC_VENV", ".venv"), "bin", "python"))
 
