@@ -24,7 +24,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, data_dir: Path, *args: str, log_path: Path | None = None) -> None:
+    def __init__(self, data_dir: Path, *args: str, log_path: Path | None = None, python: str | Path | None = None) -> None:
+        """``python``: the environment to run the server from (default: this one; the
+        integrations' tests run in environments of their own and pass the main one's)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = Path(data_dir)
@@ -33,7 +35,7 @@ class ServerProcess:
         defaults = {"--engine": "cpu", "--tts": "espeak"}
         extra = [x for k, v in defaults.items() if k not in args for x in (k, v)]
         cmd = [
-            sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port),
+            str(python or sys.executable), "-m", "server", "--host", "127.0.0.1", "--port", str(self.port),
             "--data-dir", str(self.data_dir), *extra, *args,
         ]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - held for the server's lifetime, closed by stop()

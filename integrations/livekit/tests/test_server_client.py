@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 import numpy as np
-from serverproc import Server
+from server_fixture import ServerProcess
 
 from lipsync_livekit.server_client import ServerSession
 
@@ -40,7 +40,7 @@ async def next_event(events: Any, kind: str, timeout: float = 10.0) -> dict[str,
     return await asyncio.wait_for(find(), timeout)
 
 
-async def test_streamed_segments_play_out_and_a_clear_cuts_one_short(server: Server) -> None:
+async def test_streamed_segments_play_out_and_a_clear_cuts_one_short(server: ServerProcess) -> None:
     session = ServerSession(server.url)
     await session.open()
     try:

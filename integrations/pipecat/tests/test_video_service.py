@@ -30,7 +30,7 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
-from serverproc import Server
+from server_fixture import ServerProcess
 
 RATE = 24000  # the TTS's rate and the pipeline's output rate
 PIECE_S = 0.02
@@ -110,7 +110,7 @@ class Run:
 
 
 @contextlib.asynccontextmanager
-async def pipeline(server: Server) -> AsyncIterator[Run]:
+async def pipeline(server: ServerProcess) -> AsyncIterator[Run]:
     service = LipSyncVideoService(server.url)
     sink = Sink()
     worker = PipelineWorker(Pipeline([service, sink]), cancel_on_idle_timeout=False,
@@ -199,7 +199,7 @@ def best_correlation(a: np.ndarray, b: np.ndarray, max_lag: int = 20) -> tuple[f
     return best
 
 
-async def test_video_frames_come_out(server: Server) -> None:
+async def test_video_frames_come_out(server: ServerProcess) -> None:
     async with pipeline(server) as run:
         await wait_for(lambda: run.sink.video(), 30, "the first video frame")
         t0 = time.monotonic()
@@ -216,7 +216,7 @@ async def test_video_frames_come_out(server: Server) -> None:
 # real time, and a TTS that produces four times faster than it is spoken (the server buffers;
 # the avatar still speaks at its own pace)
 @pytest.mark.parametrize("speed", [1.0, 4.0], ids=["real-time", "burst"])
-async def test_audio_comes_back_whole_in_order_and_the_mouth_moves(server: Server, speed: float) -> None:
+async def test_audio_comes_back_whole_in_order_and_the_mouth_moves(server: ServerProcess, speed: float) -> None:
     pcm = speech_like(3.0)
     async with pipeline(server) as run:
         await wait_for(lambda: len(run.sink.video()) > 25, 30, "a second of video")
@@ -259,7 +259,7 @@ async def test_audio_comes_back_whole_in_order_and_the_mouth_moves(server: Serve
     assert motion_speaking > 2 * motion_idle + 0.5
 
 
-async def test_interruption_stops_voice_and_mouth(server: Server) -> None:
+async def test_interruption_stops_voice_and_mouth(server: ServerProcess) -> None:
     pcm = speech_like(5.0, seed=2)
     stop = asyncio.Event()
     async with pipeline(server) as run:
@@ -293,7 +293,7 @@ async def test_interruption_stops_voice_and_mouth(server: Server) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _server_log_on_failure(request: pytest.FixtureRequest, server: Server) -> Any:
+def _server_log_on_failure(request: pytest.FixtureRequest, server: ServerProcess) -> Any:
     yield
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
