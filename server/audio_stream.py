@@ -42,6 +42,7 @@ from server.session import Session
 from server.speech import StreamedPcm
 
 log = logging.getLogger(__name__)
+MIN_RATE, MAX_RATE = 8_000, 48_000  # the sample rates a stream may declare
 
 routes = web.RouteTableDef()
 
@@ -101,6 +102,8 @@ class AudioStream:
         rate = field_int(body, "sample_rate") if body.get("sample_rate") is not None else SAMPLE_RATE
         channels = field_int(body, "channels") if body.get("channels") is not None else 1
         try:
+            if not MIN_RATE <= rate <= MAX_RATE:
+                raise ValueError(f"sample_rate must be {MIN_RATE}..{MAX_RATE} Hz, got {rate}")
             resampler = StreamResampler(rate, channels)
         except ValueError as exc:
             raise BadRequest(f"{exc} (the audio is s16le; the format stays {self._resampler.rate} Hz, "

@@ -44,12 +44,12 @@ log = logging.getLogger(__name__)
 
 KEEP_FRAMES = 50  # decided frames kept for the slower track
 FADE_FRAMES = 5  # a switch blends the old picture into the new over this many frames (200 ms)
-# I420 of idle frames kept per avatar, shared by its sessions: all of a short avatar; of
-# 30 s of 1080p (3.1 GB as I420) the first frames, the rest converted as they play (~2 ms)
 # A streamed utterance (``hold_start``) starts, and after running dry resumes, only once
 # this many of its frames are rendered (or its last one is): 40-80 ms of margin against audio
 # that arrives at real time with jitter, instead of a stutter of single frames.
 STREAM_START_FRAMES = 2
+# I420 of idle frames kept per avatar, shared by its sessions: all of a short avatar; of
+# 30 s of 1080p (3.1 GB as I420) the first frames, the rest converted as they play (~2 ms)
 IDLE_YUV_BYTES = 256 * 2**20
 CLIP_YUV_BYTES = 128 * 2**20  # I420 kept per clip; the rest of a long HD clip is converted as it plays
 

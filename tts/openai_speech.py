@@ -20,12 +20,11 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
-import av
 import numpy as np
 from yarl import URL
 
 from media.pcm import Pcm, from_float, saturate
-from media.timing import SAMPLE_RATE
+from media.resample import StreamResampler
 from tts.base import TTSBackend, TTSError, VoiceCatalog, VoiceInfo
 from tts.sentences import split_sentences
 
@@ -87,48 +86,11 @@ def check_base_url(base_url: str, what: str) -> URL:
     return url
 
 
-class _Resampler:
-    """Mono s16 at ``rate`` in, ``Pcm`` at SAMPLE_RATE out, streamed: libswresample keeps
-    its filter state across pieces, so piece boundaries leave no clicks."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self._pts = 0
-        self._av = None if rate == SAMPLE_RATE else av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
-
-    def feed(self, pcm: Pcm) -> Pcm:
-        if self._av is None or not pcm.size:
-            return pcm
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm).reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = self.rate
-        frame.pts = self._pts
-        self._pts += pcm.size
-        return self._collect(self._av.resample(frame))
-
-    def flush(self) -> Pcm:
-        return _EMPTY if self._av is None else self._collect(self._av.resample(None))
-
-    @staticmethod
-    def _collect(frames: list[av.AudioFrame]) -> Pcm:
-        out = [f.to_ndarray().reshape(-1) for f in frames]
-        return np.concatenate(out).astype(np.int16, copy=False) if out else _EMPTY
-
-
-class RawPcmDecoder:
+class RawPcmDecoder(StreamResampler):
     """Raw s16le mono at ``rate`` (OpenAI's ``pcm``) in byte pieces of any size."""
 
     def __init__(self, rate: int = OPENAI_PCM_RATE) -> None:
-        self._odd = b""  # a sample split across two pieces
-        self._resampler = _Resampler(rate)
-
-    def feed(self, data: bytes) -> Pcm:
-        data = self._odd + data
-        whole = len(data) - len(data) % 2
-        self._odd = data[whole:]
-        return self._resampler.feed(np.frombuffer(data[:whole], "<i2").astype(np.int16))
-
-    def flush(self) -> Pcm:
-        return self._resampler.flush()
+        super().__init__(rate, 1)
 
 
 class WavStreamDecoder:
@@ -142,7 +104,7 @@ class WavStreamDecoder:
         self._channels = 1
         self._left: int | None = None  # data bytes still expected; None: until the end
         self._carry = b""  # a partial sample frame
-        self._resampler: _Resampler | None = None
+        self._resampler: StreamResampler | None = None
 
     def feed(self, data: bytes) -> Pcm:
         if self._head is not None:
@@ -183,7 +145,7 @@ class WavStreamDecoder:
                     raise TTSError("the speech server's WAV has its audio before its format chunk")
                 self._left = None if size in (0, 0xFFFFFFFF) else size
                 del head[:body]
-                self._resampler = _Resampler(rate)
+                self._resampler = StreamResampler(rate)
                 return True
             if len(head) < body + size:
                 return False
@@ -222,7 +184,7 @@ class WavStreamDecoder:
             pcm = saturate(mono.astype(np.float32))  # the mean of the channels, in int16 units
         else:
             pcm = mono.astype(np.int16)
-        return self._resampler.feed(pcm)
+        return self._resampler.feed(pcm.tobytes())
 
 
 class OpenAISpeechBackend(TTSBackend):
